@@ -1,0 +1,61 @@
+# finetune-operator: `make demo` runs the quickstart job on a local control plane;
+# `make test` installs everything it needs and runs the unit and integration tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
+BIN := $(HOME)/.cache/finetune-operator/bin
+export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
+
+.PHONY: help venv binaries crds check-crds cluster cluster-down operator test test-unit test-integration demo trainer-image image clean
+
+help:
+	@echo "make demo | test | cluster | cluster-down | operator | crds | trainer-image | image"
+
+# The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[trainer,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+binaries:
+	hack/build-binaries.sh >/dev/null
+
+crds: venv
+	$(PY) -m finetune_operator.crdgen
+
+check-crds: venv
+	$(PY) -m finetune_operator.crdgen --check
+
+cluster:
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+# The operator from source, in the foreground, against the local cluster.
+operator: venv cluster
+	KUBECONFIG=$(KUBECONFIG_LOCAL) FINETUNE_METRICS_PORT=18080 FINETUNE_HEALTH_PORT=18081 \
+		$(VENV)/bin/finetune-operator
+
+test: venv binaries
+	hack/test.sh
+
+test-unit: venv
+	hack/test.sh -m "not integration"
+
+demo: venv
+	hack/demo.sh
+
+trainer-image:
+	docker build -f trainer-image/Dockerfile -t finetune-trainer:0.1.0 .
+
+image:
+	docker build -t finetune-operator:0.1.0 .
+
+clean: cluster-down
+	rm -rf $(VENV) *.egg-info

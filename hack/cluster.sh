@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# A real local control plane, no Docker: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler and kwok (fake nodes that run pods through scripted stages), all bound to
+# 127.0.0.1 and built from their Go modules by hack/build-binaries.sh.
+#
+#   hack/cluster.sh up      start it (idempotent: a healthy cluster is left as it is)
+#   hack/cluster.sh down    stop the processes it started, by pid, and remove their state
+#   hack/cluster.sh status  say whether it is up
+#
+# State, logs and pids live in $CLUSTER_DIR (default .cluster/ in the repository); the
+# kubeconfig for users and tests is $CLUSTER_DIR/kubeconfig. Every process logs to
+# $CLUSTER_DIR/logs/, never to the terminal.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+source "$here/versions.env"
+
+CLUSTER_DIR=${CLUSTER_DIR:-$repo/.cluster}
+APISERVER_PORT=${APISERVER_PORT:-6443}
+ETCD_CLIENT_PORT=${ETCD_CLIENT_PORT:-2379}
+ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
+KCM_PORT=${KCM_PORT:-10257}
+SCHEDULER_PORT=${SCHEDULER_PORT:-10259}
+KWOK_METRICS_PORT=${KWOK_METRICS_PORT:-10247}
+# Pod IPs handed out by kwok: inside 127.0.0.0/8 so nothing ever points outside loopback.
+POD_CIDR=${POD_CIDR:-127.100.0.0/16}
+
+PIDS=$CLUSTER_DIR/pids
+LOGS=$CLUSTER_DIR/logs
+PKI=$CLUSTER_DIR/pki
+KUBECONFIG_FILE=$CLUSTER_DIR/kubeconfig
+
+say() { echo "cluster: $*" >&2; }
+
+alive() { [ -f "$PIDS/$1" ] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
+
+start() { # name command...
+  local name=$1; shift
+  if alive "$name"; then return; fi
+  "$@" >"$LOGS/$name.log" 2>&1 &
+  echo $! >"$PIDS/$name"
+}
+
+wait_for() { # description seconds command...
+  local what=$1 secs=$2; shift 2
+  for _ in $(seq $((secs * 5))); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  say "timed out waiting for $what; logs in $LOGS"
+  return 1
+}
+
+kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+make_pki() {
+  [ -f "$PKI/serving.crt" ] && return
+  mkdir -p "$PKI"
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=finetune-local-ca" \
+      -keyout ca.key -out ca.crt
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout serving.key -out serving.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile ext.cnf -out serving.crt
+    openssl genrsa -out sa.key 2048
+    openssl rsa -in sa.key -pubout -out sa.pub
+    # Static bearer tokens: the admin (system:masters) for people and tests.
+    echo "$(openssl rand -hex 24),admin,admin,system:masters" >tokens.csv
+  ) >"$LOGS/pki.log" 2>&1
+}
+
+write_kubeconfig() {
+  local token; token=$(cut -d, -f1 "$PKI/tokens.csv")
+  umask 077
+  cat >"$KUBECONFIG_FILE" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority: $PKI/ca.crt
+users:
+- name: admin
+  user:
+    token: $token
+contexts:
+- name: local
+  context: {cluster: local, user: admin}
+current-context: local
+EOF
+}
+
+kwok_stages() {
+  local dir
+  dir=$(cd "$repo" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-delete.yaml; do
+    cat "$dir/kustomize/stage/$f"; echo "---"
+  done
+  cat "$here/kwok/pod-exit.yaml"
+}
+
+up() {
+  BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
+  mkdir -p "$PIDS" "$LOGS"
+  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok; then
+    say "already running ($KUBECONFIG_FILE)"; return
+  fi
+  make_pki
+  write_kubeconfig
+
+  start etcd "$BIN/etcd" --name=local --data-dir="$CLUSTER_DIR/etcd" --unsafe-no-fsync --log-level=warn \
+    --listen-client-urls="http://127.0.0.1:$ETCD_CLIENT_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster="local=http://127.0.0.1:$ETCD_PEER_PORT" --listen-metrics-urls=""
+  wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_CLIENT_PORT/health"
+
+  start kube-apiserver "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+    --tls-cert-file="$PKI/serving.crt" --tls-private-key-file="$PKI/serving.key" --client-ca-file="$PKI/ca.crt" \
+    --token-auth-file="$PKI/tokens.csv" --authorization-mode=Node,RBAC \
+    --service-account-issuer="https://127.0.0.1:$APISERVER_PORT" --service-account-key-file="$PKI/sa.pub" \
+    --service-account-signing-key-file="$PKI/sa.key" --service-cluster-ip-range=127.96.0.0/16 \
+    --allow-privileged=false --endpoint-reconciler-type=none --enable-priority-and-fairness=false \
+    --profiling=false --v=1
+  wait_for kube-apiserver 90 kubectl get --raw /readyz
+
+  local controllers=job-controller,garbage-collector-controller,namespace-controller,ttl-after-finished-controller
+  controllers+=,pod-garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller
+  controllers+=,root-ca-certificate-publisher-controller,replicaset-controller,deployment-controller
+  controllers+=,node-lifecycle-controller,endpointslice-controller
+  start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG_FILE" \
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port="$KCM_PORT" --controllers="$controllers" \
+    --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" --use-service-account-credentials=false \
+    --profiling=false --v=1
+  start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$KUBECONFIG_FILE" --leader-elect=false \
+    --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --profiling=false --v=1
+
+  kwok_stages >"$CLUSTER_DIR/kwok-stages.yaml"
+  start kwok "$BIN/kwok" --kubeconfig="$KUBECONFIG_FILE" --config="$CLUSTER_DIR/kwok-stages.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --manage-nodes-with-label-selector= --node-ip=127.0.0.1 --cidr="$POD_CIDR" \
+    --node-lease-duration-seconds=40 --server-address="127.0.0.1:$KWOK_METRICS_PORT"
+
+  kubectl apply -f "$here/nodes.yaml" >"$LOGS/nodes.log" 2>&1
+  wait_for "nodes Ready" 60 kubectl wait --for=condition=Ready node --all --timeout=1s
+  wait_for "default service account" 60 kubectl -n default get serviceaccount default
+  say "up: export KUBECONFIG=$KUBECONFIG_FILE"
+}
+
+down() {
+  local name pid
+  for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    [ -f "$PIDS/$name" ] || continue
+    pid=$(cat "$PIDS/$name")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$PIDS/$name"
+  done
+  rm -rf "$CLUSTER_DIR"
+  say "down"
+}
+
+status() {
+  BIN=${FTO_CACHE:-$HOME/.cache/finetune-operator}/bin
+  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1; then
+    say "up ($KUBECONFIG_FILE)"
+  else
+    say "down"; return 1
+  fi
+}
+
+case ${1:-} in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,197 @@
+"""Pure builders for the objects that run a FineTuneJob's trainer: a ConfigMap holding the trainer
+config, a batch/v1 Job (Indexed, one pod per node) and, for several nodes, a headless Service that
+gives rank 0 a stable DNS name for torchrun's rendezvous."""
+
+from __future__ import annotations
+
+import yaml
+
+from . import naming, sources, trainer_config
+from .api import FineTuneJob
+from .model import manifest_template
+from .settings import OperatorSettings
+
+TRAINER_CONTAINER = "trainer"
+RENDEZVOUS_PORT = 29500
+# Exit code the trainer uses for bad config or bad data: retrying cannot help, so the Job's pod
+# failure policy fails the whole Job at once instead of burning the backoff limit.
+EXIT_USER_ERROR = 2
+
+
+def build_config_map(job: FineTuneJob) -> dict:
+    config = trainer_config.render(job, manifest_template(job))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": naming.config_map_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": naming.labels(job),
+            "ownerReferences": [naming.owner_reference(job)],
+        },
+        "data": {trainer_config.CONFIG_FILE: yaml.safe_dump(config, sort_keys=False)},
+    }
+
+
+def build_service(job: FineTuneJob) -> dict:
+    """Headless Service: pods of the Indexed Job get DNS names <job>-trainer-<index>.<service>."""
+    name = naming.trainer_name(job)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": naming.labels(job),
+            "ownerReferences": [naming.owner_reference(job)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous happens before anything is Ready
+            "selector": {naming.JOB_LABEL: job.metadata.name, naming.COMPONENT_LABEL: "trainer"},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def needs_service(job: FineTuneJob) -> bool:
+    return job.spec.distributed.nodes > 1
+
+
+def trainer_command(job: FineTuneJob) -> list[str]:
+    config = f"{trainer_config.CONFIG_DIR}/{trainer_config.CONFIG_FILE}"
+    nodes, per_node = job.spec.distributed.nodes, job.spec.processes_per_node
+    if nodes == 1 and per_node == 1:
+        return ["finetune-trainer", "--config", config]
+    name = naming.trainer_name(job)
+    command = ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={per_node}"]
+    if nodes > 1:
+        command += [
+            "--node-rank=$(NODE_RANK)",
+            f"--master-addr={name}-0.{name}",
+            f"--master-port={RENDEZVOUS_PORT}",
+        ]
+    else:
+        command += ["--standalone"]
+    return command + ["-m", "finetune_trainer.cli", "--config", config]
+
+
+def _resources(job: FineTuneJob) -> dict:
+    res = job.spec.resources
+    requests = {"cpu": res.cpu, "memory": res.memory}
+    limits = {"memory": res.memory}
+    if res.accelerator != "none":
+        requests[res.accelerator] = str(res.accelerators_per_node)
+        limits[res.accelerator] = str(res.accelerators_per_node)
+    return {"requests": requests, "limits": limits}
+
+
+def _placement(job: FineTuneJob, settings: OperatorSettings) -> dict:
+    pool = job.spec.node_pool
+    provisioner = pool.provisioner or settings.default_provisioner
+    placement: dict = {}
+    if provisioner == "existing" or provisioner == "none":
+        if pool.node_selector:
+            placement["nodeSelector"] = dict(pool.node_selector)
+        if pool.tolerations:
+            placement["tolerations"] = [t.to_wire() for t in pool.tolerations]
+    if job.spec.resources.instance_type and provisioner != "karpenter":
+        placement.setdefault("nodeSelector", {})["node.kubernetes.io/instance-type"] = job.spec.resources.instance_type
+    return placement
+
+
+def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
+    spec = job.spec
+    name = naming.trainer_name(job)
+    resolved = trainer_config.resolved_sources(job)
+    mounts = sources.merge_mounts(*resolved.values())
+    volumes = [
+        {"name": "config", "configMap": {"name": naming.config_map_name(job)}},
+        {"name": "tmp", "emptyDir": {}},
+        *[m.volume() for m in mounts],
+    ]
+    volume_mounts = [
+        {"name": "config", "mountPath": trainer_config.CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        *[m.volume_mount() for m in mounts],
+    ]
+    if spec.base_model.credentials_secret:
+        volumes.append({
+            "name": "base-model-credentials",
+            "secret": {"secretName": spec.base_model.credentials_secret, "defaultMode": 0o400},
+        })
+        volume_mounts.append({"name": "base-model-credentials", "mountPath": trainer_config.TOKEN_DIR, "readOnly": True})
+    if spec.resources.accelerator != "none":
+        # NCCL needs far more shared memory than a container's default 64 MiB.
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volume_mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    env = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+    ]
+    if not spec.base_model.source.startswith("hf://"):
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+
+    container = {
+        "name": TRAINER_CONTAINER,
+        "image": settings.trainer_image,
+        "imagePullPolicy": settings.trainer_image_pull_policy,
+        "command": trainer_command(job),
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": trainer_config.METRICS_PORT}],
+        "resources": _resources(job),
+        "volumeMounts": volume_mounts,
+        "terminationMessagePath": trainer_config.TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_labels = naming.labels(job)
+    pod_spec = {
+        "restartPolicy": "Never",
+        # The trainer needs no Kubernetes API access.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+        **_placement(job, settings),
+    }
+    if needs_service(job):
+        pod_spec["subdomain"] = name
+    job_spec = {
+        "completionMode": "Indexed",
+        "completions": spec.distributed.nodes,
+        "parallelism": spec.distributed.nodes,
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}},
+                # Preemption, eviction and node drain are not the trainer's fault.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": job.metadata.namespace,
+            "labels": naming.labels(job),
+            "ownerReferences": [naming.owner_reference(job)],
+        },
+        "spec": job_spec,
+    }

@@ -1,0 +1,92 @@
+"""A few Kubernetes calls on plain dicts, on top of kr8s's authenticated client.
+
+Builders produce plain dicts; this module sends them. Creating is idempotent (an existing
+object of the same name is returned, not duplicated), which is what makes operator restarts at
+any point safe.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kr8s
+import kr8s.asyncio
+
+# kind -> (apiVersion, plural)
+RESOURCES = {
+    "ConfigMap": ("v1", "configmaps"),
+    "Service": ("v1", "services"),
+    "Pod": ("v1", "pods"),
+    "Event": ("v1", "events"),
+    "Job": ("batch/v1", "jobs"),
+    "FineTuneJob": ("finetune.ai/v1alpha1", "finetunejobs"),
+    "Model": ("finetune.ai/v1alpha1", "models"),
+    "Lease": ("coordination.k8s.io/v1", "leases"),
+}
+
+
+def _status_code(exc: kr8s.ServerError) -> int | None:
+    return exc.response.status_code if exc.response is not None else None
+
+
+async def _call(method: str, kind: str, namespace: str | None, path: str = "", **kwargs) -> dict | None:
+    version, plural = RESOURCES[kind]
+    api = await kr8s.asyncio.api()
+    url = plural + (f"/{path}" if path else "")
+    try:
+        async with api.call_api(method, version=version, namespace=namespace, url=url, **kwargs) as response:
+            return response.json()
+    except kr8s.ServerError as exc:
+        if _status_code(exc) == 404:
+            return None
+        raise
+
+
+async def get(kind: str, namespace: str, name: str) -> dict | None:
+    return await _call("GET", kind, namespace, name)
+
+
+async def list_(kind: str, namespace: str, selector: dict[str, str]) -> list[dict]:
+    query = ",".join(f"{k}={v}" for k, v in selector.items())
+    found = await _call("GET", kind, namespace, params={"labelSelector": query})
+    return (found or {}).get("items", [])
+
+
+async def create(obj: dict) -> tuple[dict, bool]:
+    """Create obj; if one of that name exists, return it instead. Returns (object, created)."""
+    meta = obj["metadata"]
+    try:
+        created = await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj))
+        return created or obj, True
+    except kr8s.ServerError as exc:
+        if _status_code(exc) != 409:
+            raise
+    existing = await get(obj["kind"], meta["namespace"], meta["name"])
+    if existing is None:  # deleted between the two calls: let the caller retry
+        raise kr8s.ServerError(f"{obj['kind']} {meta['name']} vanished after a conflict")
+    return existing, False
+
+
+async def patch_status(kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict | None:
+    return await _call(
+        "PATCH", kind, namespace, f"{name}/status",
+        content=json.dumps({"status": status}), headers={"Content-Type": "application/merge-patch+json"},
+    )
+
+
+async def delete(kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
+    await _call("DELETE", kind, namespace, name, content=json.dumps({"propagationPolicy": propagation}))
+
+
+async def replace(obj: dict) -> dict | None:
+    """PUT obj; its metadata.resourceVersion makes this a compare-and-swap.
+
+    Returns None when someone else changed the object first (409 Conflict)."""
+    meta = obj["metadata"]
+    try:
+        return await _call("PUT", obj["kind"], meta.get("namespace"), meta["name"], content=json.dumps(obj))
+    except kr8s.ServerError as exc:
+        if _status_code(exc) == 409:
+            return None
+        raise

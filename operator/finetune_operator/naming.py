@@ -1,0 +1,40 @@
+"""Names and labels of the objects the operator creates for a FineTuneJob."""
+
+from __future__ import annotations
+
+from .api import FineTuneJob
+
+MANAGED_BY = "finetune-operator"
+JOB_LABEL = "finetune.ai/job"  # value: the FineTuneJob's name; selects every child
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+def trainer_name(job: FineTuneJob) -> str:
+    """The batch Job, its ConfigMap and its headless Service share this name."""
+    return f"{job.metadata.name}-trainer"
+
+
+def config_map_name(job: FineTuneJob) -> str:
+    return f"{job.metadata.name}-trainer-config"
+
+
+def labels(job: FineTuneJob, component: str = "trainer") -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/instance": job.metadata.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        COMPONENT_LABEL: component,
+        JOB_LABEL: job.metadata.name,
+    }
+
+
+def owner_reference(job: FineTuneJob) -> dict:
+    """Children are owned by the FineTuneJob, so deleting it lets the garbage collector cascade."""
+    return {
+        "apiVersion": job.api_version,
+        "kind": job.kind,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

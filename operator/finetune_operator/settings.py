@@ -1,0 +1,32 @@
+"""Operator-wide settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", frozen=True)
+
+    trainer_image: str = Field(
+        default="finetune-trainer:0.1.0",
+        description="Image of the trainer container.",
+    )
+    trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    default_provisioner: Literal["karpenter", "existing", "none"] = "none"
+    namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty watches all.")
+    lease_name: str = "finetune-operator"
+    lease_namespace: str = "default"
+    identity: str = Field(default="", description="Leader-election identity; the pod name in a cluster.")
+    metrics_port: int = 8080
+    health_port: int = 8081
+    # How often every live FineTuneJob is reconciled even without events: the safety net that
+    # makes missed watch events harmless.
+    resync_seconds: float = 30.0
+
+    @property
+    def watched_namespaces(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]

@@ -1,0 +1,98 @@
+"""Where a spec's URIs live inside the trainer pod.
+
+`pvc://CLAIM/PATH` and `configmap://NAME/KEY` become volumes mounted read-only (inputs) or
+read-write (the output); their paths are normalised and confined to the mount, so a spec can
+never point the trainer outside its volume. Other schemes are passed to the trainer as they are
+(presets, the hub) or are rejected with a clear message until a fetcher exists for them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+
+PVC_ROOT = "/mnt/pvc"
+CONFIGMAP_ROOT = "/mnt/configmap"
+
+_URI = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<rest>.+)$")
+
+
+class UnsupportedSource(ValueError):
+    """A source the operator cannot hand to the trainer (yet, or at all)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    volume_name: str
+    mount_path: str
+    read_only: bool
+    claim: str | None = None  # persistentVolumeClaim
+    config_map: str | None = None  # configMap
+
+    def volume(self) -> dict:
+        if self.claim:
+            return {"name": self.volume_name, "persistentVolumeClaim": {"claimName": self.claim}}
+        return {"name": self.volume_name, "configMap": {"name": self.config_map}}
+
+    def volume_mount(self) -> dict:
+        return {"name": self.volume_name, "mountPath": self.mount_path, "readOnly": self.read_only}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A URI as the trainer sees it: a local path (with the mount that provides it) or a URI."""
+
+    value: str
+    mount: Mount | None = None
+
+
+def split(uri: str) -> tuple[str, str]:
+    match = _URI.match(uri)
+    if not match:
+        raise UnsupportedSource(f"{uri!r} is not a URI of the form scheme://path")
+    return match["scheme"], match["rest"]
+
+
+def confined_path(rest: str, field: str) -> tuple[str, str]:
+    """Split NAME/PATH and normalise PATH so it cannot leave the volume."""
+    name, _, path = rest.partition("/")
+    if not name:
+        raise UnsupportedSource(f"{field}: missing the volume name in {rest!r}")
+    normalised = posixpath.normpath("/" + path).lstrip("/") if path else ""
+    if any(part == ".." for part in path.split("/")):
+        raise UnsupportedSource(f"{field}: path {path!r} must not contain '..'")
+    return name, normalised
+
+
+def resolve(uri: str, field: str, *, writable: bool = False) -> Resolved:
+    scheme, rest = split(uri)
+    if scheme == "pvc":
+        claim, path = confined_path(rest, field)
+        mount = Mount(f"pvc-{claim}"[:63], f"{PVC_ROOT}/{claim}", read_only=not writable, claim=claim)
+        return Resolved(posixpath.join(mount.mount_path, path) if path else mount.mount_path, mount)
+    if scheme == "configmap":
+        name, key = confined_path(rest, field)
+        if not key or "/" in key:
+            raise UnsupportedSource(f"{field}: configmap:// needs NAME/KEY, got {uri!r}")
+        mount = Mount(f"cm-{name}"[:63], f"{CONFIGMAP_ROOT}/{name}", read_only=True, config_map=name)
+        return Resolved(f"{mount.mount_path}/{key}", mount)
+    if scheme in ("preset", "hf") and not writable:
+        return Resolved(uri)
+    raise UnsupportedSource(
+        f"{field}: {scheme}:// is not supported by this operator version; use pvc://"
+        + (", configmap://" if field == "dataset.source" else "")
+        + (" or preset:// or hf://" if field == "baseModel.source" else "")
+    )
+
+
+def merge_mounts(*resolved: Resolved) -> list[Mount]:
+    """One volume per claim: the output's read-write mount wins over a read-only input mount."""
+    by_name: dict[str, Mount] = {}
+    for item in resolved:
+        if item.mount is None:
+            continue
+        seen = by_name.get(item.mount.volume_name)
+        if seen is None or (seen.read_only and not item.mount.read_only):
+            by_name[item.mount.volume_name] = item.mount
+    return list(by_name.values())

@@ -1,0 +1,172 @@
+"""Derive a FineTuneJob's status from what the cluster shows: the trainer Job and its pods.
+
+Pure functions: given the same objects they give the same answer, so the operator can call them
+from any event, after any restart, as often as it likes (level-triggered, never edge-triggered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .api import Condition, FineTuneJob, Phase
+from .result import InvalidResult, TrainerResult, parse_result
+
+CONDITION_TYPES = ("Ready", "Provisioned", "Running", "Succeeded", "Failed")
+
+
+@dataclass
+class Observation:
+    """What the status should say, before it is merged into the existing conditions."""
+
+    phase: Phase
+    reason: str
+    message: str
+    running: bool = False
+    result: TrainerResult | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _job_condition(job: dict, kind: str) -> dict | None:
+    for cond in job.get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _terminated(pod: dict) -> dict | None:
+    for status in pod.get("status", {}).get("containerStatuses", []) or []:
+        if status.get("name") == "trainer":
+            state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+            if state:
+                return state
+    return None
+
+
+def _by_index(pods: list[dict]) -> list[dict]:
+    def index(pod: dict) -> int:
+        value = pod.get("metadata", {}).get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "0")
+        return int(value) if value.isdigit() else 0
+
+    return sorted(pods, key=lambda p: (index(p), p.get("metadata", {}).get("creationTimestamp", "")))
+
+
+def describe_pod_failure(pods: list[dict]) -> str:
+    """The most telling failure among the pods: the latest terminated trainer container."""
+    failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or "", reverse=True)
+    for pod in failed:
+        term = _terminated(pod)
+        name = pod["metadata"]["name"]
+        if term:
+            detail = f"pod {name}: container exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
+            if term.get("message"):
+                detail += f": {term['message'].strip()[:2000]}"
+            return detail
+        status = pod.get("status", {})
+        if status.get("reason") or status.get("message"):
+            return f"pod {name}: {status.get('reason', '')} {status.get('message', '')}".strip()
+    return ""
+
+
+def _pending_message(pods: list[dict]) -> str:
+    for pod in pods:
+        for cond in pod.get("status", {}).get("conditions", []) or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"pod {pod['metadata']['name']} is not scheduled: {cond.get('message', cond.get('reason', ''))}"
+    return "waiting for the trainer pods to start"
+
+
+def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> Observation:
+    """What the trainer Job and its pods say about the FineTuneJob."""
+    if job is None:
+        return Observation("Pending", "Creating", "creating the trainer Job")
+    status = job.get("status", {})
+    start_time = status.get("startTime")
+
+    complete = _job_condition(job, "Complete")
+    if complete:
+        completion = status.get("completionTime") or complete.get("lastTransitionTime")
+        rank0 = [p for p in _by_index(pods) if p.get("status", {}).get("phase") == "Succeeded"]
+        if not rank0:
+            return Observation("Failed", "NoResult", "the trainer Job completed but its pods are gone, so no result can be read",
+                               start_time=start_time, completion_time=completion)
+        term = _terminated(rank0[0]) or {}
+        try:
+            result = parse_result(term.get("message"))
+        except InvalidResult as exc:
+            return Observation("Failed", "NoResult" if not term.get("message") else "InvalidResult", str(exc),
+                               start_time=start_time, completion_time=completion)
+        m = result.metrics
+        message = f"trained {m.steps} steps; train loss {m.train_loss:.4g}"
+        if m.eval_loss is not None:
+            message += f", eval loss {m.eval_loss:.4g}"
+        return Observation("Succeeded", "Completed", message, result=result, start_time=start_time, completion_time=completion)
+
+    failed = _job_condition(job, "Failed")
+    if failed:
+        reason = failed.get("reason") or "TrainerFailed"
+        message = failed.get("message") or "the trainer Job failed"
+        detail = describe_pod_failure(pods)
+        if detail:
+            message = f"{message}; {detail}"
+        return Observation("Failed", reason, message, start_time=start_time,
+                           completion_time=failed.get("lastTransitionTime"))
+
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    if running and len(running) >= ftj.spec.distributed.nodes:
+        retries = status.get("failed", 0)
+        message = f"{len(running)} trainer pod(s) running"
+        if retries:
+            message += f" after {retries} failed attempt(s)"
+        return Observation("Running", "TrainerRunning", message, running=True, start_time=start_time)
+    return Observation("Pending", "WaitingForPods", _pending_message(pods), start_time=start_time)
+
+
+def _condition(kind: str, truth: bool, reason: str, message: str, generation: int | None,
+               previous: dict[str, Condition], now: datetime) -> Condition:
+    status = "True" if truth else "False"
+    old = previous.get(kind)
+    # lastTransitionTime moves only when status flips, per the API conventions.
+    since = old.last_transition_time if old and old.status == status else now
+    return Condition(type=kind, status=status, reason=reason, message=message,
+                     last_transition_time=since, observed_generation=generation)
+
+
+def conditions_for(obs: Observation, ftj: FineTuneJob, now: datetime | None = None) -> list[Condition]:
+    now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+    gen = ftj.metadata.generation
+    previous = {c.type: c for c in ftj.status.conditions}
+    done = obs.phase in ("Succeeded", "Failed")
+    started = obs.running or done and obs.start_time is not None
+    return [
+        _condition("Ready", obs.phase == "Succeeded", obs.reason, obs.message, gen, previous, now),
+        _condition("Provisioned", obs.running or started or obs.phase == "Running",
+                   "PodsScheduled" if started else obs.reason, "" if started else obs.message, gen, previous, now),
+        _condition("Running", obs.phase == "Running", obs.reason, obs.message, gen, previous, now),
+        _condition("Succeeded", obs.phase == "Succeeded", obs.reason, obs.message, gen, previous, now),
+        _condition("Failed", obs.phase == "Failed", obs.reason, obs.message, gen, previous, now),
+    ]
+
+
+def status_patch(obs: Observation, ftj: FineTuneJob, trainer_job: str | None, now: datetime | None = None) -> dict[str, Any]:
+    """The status subresource patch for an observation."""
+    patch: dict[str, Any] = {
+        "phase": obs.phase,
+        "conditions": [c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions_for(obs, ftj, now)],
+        "observedGeneration": ftj.metadata.generation,
+        "trainerJob": trainer_job,
+    }
+    if obs.start_time:
+        patch["startTime"] = obs.start_time
+    if obs.completion_time:
+        patch["completionTime"] = obs.completion_time
+    if obs.phase == "Succeeded":
+        patch["model"] = ftj.model_name
+        m = obs.result.metrics if obs.result else None
+        if m:
+            patch["progress"] = {"step": m.steps, "totalSteps": m.steps, "percent": 100, "loss": m.train_loss, "eta": "0s"}
+    return patch

@@ -1,0 +1,73 @@
+"""Fixtures shared by every layer. Integration fixtures reuse the running local control plane
+(`make cluster`, or the one `make test` starts) and give each test its own namespace."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kubetools import REPO, Kubectl, OperatorProcess, wait_for
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def kubeconfig() -> str:
+    path = os.environ.get("KUBECONFIG") or str(REPO / ".cluster" / "kubeconfig")
+    if not Path(path).exists():
+        pytest.fail(f"no local cluster ({path} missing): run `make cluster`, or run the tests with `make test`")
+    proc = Kubectl(path)("get", "--raw", "/readyz", check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"the cluster in {path} is not ready: {proc.stderr.strip()}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def crds(kubeconfig: str) -> None:
+    """Install the checked-in CRDs once per session (deleting CRDs between tests is racy)."""
+    kubectl = Kubectl(kubeconfig)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s",
+            "crd/finetunejobs.finetune.ai", "crd/models.finetune.ai")
+
+
+@pytest.fixture
+def namespace(kubeconfig: str, crds: None) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kubectl = Kubectl(kubeconfig)
+    kubectl("create", "namespace", name)
+    wait_for(lambda: kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
+             30, what="the namespace's default ServiceAccount")
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def kubectl(kubeconfig: str, namespace: str) -> Kubectl:
+    return Kubectl(kubeconfig, namespace)
+
+
+@pytest.fixture
+def operator(kubeconfig: str, namespace: str, tmp_path: Path, request) -> OperatorProcess:
+    """A running operator watching only this test's namespace; its log is shown on failure."""
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
+    op.wait_leading()
+    yield op
+    op.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(f"\n----- operator log ({op.log_path}) -----\n{op.log[-8000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

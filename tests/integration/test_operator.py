@@ -1,0 +1,248 @@
+"""The operator against the real control plane: kube-apiserver with the CRDs, the Job controller,
+the scheduler, the garbage collector, and kwok playing the nodes. kwok runs no containers, so a
+test decides how a trainer pod ends by annotating it (hack/kwok/pod-exit.yaml): exit code,
+reason and the termination message where the trainer reports its result."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+from kubetools import OperatorProcess, wait_for
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+RESULT = {
+    "files": {
+        "adapter_model.safetensors": {"sha256": SHA_A, "size": 4096},
+        "adapter_config.json": {"sha256": SHA_B, "size": 512},
+    },
+    "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "initialEvalLoss": 4.0, "steps": 12, "tokens": 24576},
+}
+
+
+def job_manifest(name: str = "demo", **spec_overrides) -> dict:
+    spec = {
+        "baseModel": {"source": "preset://tiny-llama"},
+        "dataset": {"source": "pvc://data/train.jsonl"},
+        "output": {"destination": f"pvc://models/{name}"},
+        "resources": {"accelerator": "none", "cpu": "1", "memory": "1Gi"},
+        "training": {"microBatchSize": 1, "globalBatchSize": 4},
+    }
+    spec.update(spec_overrides)
+    return {"apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def running_pod(kubectl, job: str = "demo", timeout: float = 60) -> dict:
+    def find():
+        pods = kubectl.items("pods", f"finetune.ai/job={job}")
+        live = [p for p in pods if p["status"].get("phase") == "Running"]
+        return live[0] if live else None
+
+    return wait_for(find, timeout, what=f"a Running trainer pod of {job}")
+
+
+def finish_pod(kubectl, pod: dict, exit_code: int, message: str = "", reason: str = "") -> None:
+    annotations = {"kwok.finetune.ai/exit-code": str(exit_code)}
+    if message:
+        annotations["kwok.finetune.ai/message"] = message
+    if reason:
+        annotations["kwok.finetune.ai/reason"] = reason
+    kubectl.merge_patch("pod", pod["metadata"]["name"], {"metadata": {"annotations": annotations}})
+
+
+def wait_phase(kubectl, phase: str, name: str = "demo", timeout: float = 60) -> dict:
+    def check():
+        ftj = kubectl.get("ftj", name)
+        return ftj if ftj and ftj.get("status", {}).get("phase") == phase else None
+
+    try:
+        return wait_for(check, timeout, what=f"FineTuneJob {name} to be {phase}")
+    except AssertionError:
+        ftj = kubectl.get("ftj", name)
+        raise AssertionError(f"{name} is not {phase}: status={json.dumps((ftj or {}).get('status'), indent=1)}") from None
+
+
+def condition(obj: dict, kind: str) -> dict:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+
+
+def test_success_publishes_a_model_with_the_reported_digest(kubectl, operator):
+    created = kubectl.create(job_manifest())
+    config_map = wait_for(lambda: kubectl.get("configmap", "demo-trainer-config"), 30, what="the trainer ConfigMap")
+    job = wait_for(lambda: kubectl.get("job", "demo-trainer"), 30, what="the trainer Job")
+    for child in (config_map, job):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == ("FineTuneJob", created["metadata"]["uid"], True)
+    assert "preset://tiny-llama" in config_map["data"]["config.yaml"]
+
+    pod = running_pod(kubectl)
+    assert pod["spec"]["nodeName"] == "cpu-node-0" or pod["spec"]["nodeName"].startswith(("cpu", "gpu"))
+    ftj = wait_phase(kubectl, "Running")
+    assert condition(ftj, "Running")["status"] == "True"
+
+    finish_pod(kubectl, pod, 0, json.dumps(RESULT))
+    ftj = wait_phase(kubectl, "Succeeded")
+    status = ftj["status"]
+    assert status["model"] == "demo"
+    assert status["observedGeneration"] == ftj["metadata"]["generation"]
+    assert condition(ftj, "Succeeded")["status"] == "True"
+    assert condition(ftj, "Ready")["status"] == "True"
+    assert condition(ftj, "Failed")["status"] == "False"
+    assert status["progress"]["percent"] == 100
+
+    model = wait_for(lambda: kubectl.get("model", "demo"), 10, what="the Model")
+    assert model["spec"]["adapter"]["sha256"] == SHA_A
+    assert model["spec"]["adapter"]["sizeBytes"] == 4096 + 512
+    assert model["spec"]["adapter"]["files"]["adapter_config.json"]["sha256"] == SHA_B
+    assert model["spec"]["adapter"]["format"] == "peft"
+    assert model["spec"]["sourceJob"] == {"name": "demo", "uid": created["metadata"]["uid"]}
+    assert model["spec"]["baseModel"]["source"] == "preset://tiny-llama"
+    assert model["status"]["phase"] == "Ready"
+    assert model["status"]["metrics"]["evalLoss"] == 1.5
+
+    events = kubectl.items("events")
+    reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "demo"}
+    assert {"ModelPublished", "Completed"} <= reasons, reasons
+
+
+def test_failed_pod_fails_the_job_with_its_reason(kubectl, operator):
+    kubectl.create(job_manifest(backoffLimit=0))
+    pod = running_pod(kubectl)
+    finish_pod(kubectl, pod, 137, "CUDA out of memory. Tried to allocate 2.00 GiB", reason="OOMKilled")
+    ftj = wait_phase(kubectl, "Failed")
+    failed = condition(ftj, "Failed")
+    assert failed["status"] == "True"
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "exited with code 137 (OOMKilled)" in failed["message"]
+    assert "CUDA out of memory" in failed["message"]
+    assert kubectl.get("model", "demo") is None
+
+
+def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
+    kubectl.create(job_manifest(backoffLimit=5))
+    pod = running_pod(kubectl)
+    finish_pod(kubectl, pod, 2, "dataset /mnt/pvc/data/train.jsonl line 7: not valid JSON")
+    ftj = wait_phase(kubectl, "Failed")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "PodFailurePolicy"
+    assert "line 7: not valid JSON" in failed["message"]
+    assert len(kubectl.items("pods", "finetune.ai/job=demo")) == 1  # no retry
+
+
+def test_retryable_failure_is_retried_then_succeeds(kubectl, operator):
+    kubectl.create(job_manifest(backoffLimit=2))
+    first = running_pod(kubectl)
+    finish_pod(kubectl, first, 1, "NCCL timeout")
+
+    def second_pod():
+        pods = [p for p in kubectl.items("pods", "finetune.ai/job=demo")
+                if p["metadata"]["name"] != first["metadata"]["name"] and p["status"].get("phase") == "Running"]
+        return pods[0] if pods else None
+
+    retry = wait_for(second_pod, 60, what="a retried trainer pod")
+    ftj = wait_phase(kubectl, "Running")
+    assert "after 1 failed attempt" in condition(ftj, "Running")["message"]
+    finish_pod(kubectl, retry, 0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded")
+
+
+def test_exit_zero_without_result_is_a_failure(kubectl, operator):
+    kubectl.create(job_manifest())
+    finish_pod(kubectl, running_pod(kubectl), 0)
+    ftj = wait_phase(kubectl, "Failed")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "NoResult"
+    assert "reported no result" in failed["message"]
+    assert kubectl.get("model", "demo") is None
+
+
+def test_invalid_result_is_a_failure(kubectl, operator):
+    kubectl.create(job_manifest())
+    bad = {"files": {"adapter_model.safetensors": {"sha256": "nope", "size": 1}}, "metrics": RESULT["metrics"]}
+    finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(bad))
+    ftj = wait_phase(kubectl, "Failed")
+    assert condition(ftj, "Failed")["reason"] == "InvalidResult"
+    assert "files.adapter_model.safetensors.sha256" in condition(ftj, "Failed")["message"]
+    assert kubectl.get("model", "demo") is None
+
+
+def test_unsupported_source_fails_clearly_and_creates_nothing(kubectl, operator):
+    kubectl.create(job_manifest(dataset={"source": "s3://bucket/train.jsonl"}))
+    ftj = wait_phase(kubectl, "Failed")
+    assert condition(ftj, "Failed")["reason"] == "InvalidSpec"
+    assert "dataset.source: s3:// is not supported" in condition(ftj, "Failed")["message"]
+    time.sleep(2)
+    assert kubectl.items("jobs") == [] and kubectl.items("configmaps", "finetune.ai/job=demo") == []
+
+
+def test_model_name_taken_by_another_job(kubectl, operator):
+    kubectl.create(job_manifest("first", output={"destination": "pvc://models/a", "modelName": "shared"}))
+    finish_pod(kubectl, running_pod(kubectl, "first"), 0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded", "first")
+    kubectl.create(job_manifest("second", output={"destination": "pvc://models/b", "modelName": "shared"}))
+    finish_pod(kubectl, running_pod(kubectl, "second"), 0, json.dumps(RESULT))
+    ftj = wait_phase(kubectl, "Failed", "second")
+    assert condition(ftj, "Failed")["reason"] == "ModelNameConflict"
+    assert kubectl.get("model", "shared")["spec"]["sourceJob"]["name"] == "first"
+
+
+def test_deleting_the_job_cascades_to_every_child(kubectl, operator):
+    kubectl.create(job_manifest())
+    finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded")
+    assert kubectl.get("model", "demo")
+    kubectl("delete", "ftj", "demo", "--wait=true", "--timeout=60s")
+
+    def all_gone():
+        left = [kubectl.get(kind, name) for kind, name in
+                [("job", "demo-trainer"), ("configmap", "demo-trainer-config"), ("model", "demo")]]
+        return all(obj is None for obj in left) and not kubectl.items("pods", "finetune.ai/job=demo")
+
+    wait_for(all_gone, 60, what="the garbage collector to delete the children")
+
+
+def test_restarts_at_random_points_never_duplicate_children(kubectl, operator):
+    """Kill -9 the operator at random moments while jobs are being created and run; every job
+    ends with exactly one ConfigMap and one Job, and finishes."""
+    rng = random.Random(7)
+    names = [f"job-{i}" for i in range(4)]
+    for name in names:
+        kubectl.create(job_manifest(name))
+        time.sleep(rng.uniform(0.0, 0.6))
+        operator.kill(signal.SIGKILL)
+        operator.start()
+    operator.wait_leading()
+    for name in names:
+        pod = running_pod(kubectl, name, timeout=90)
+        operator.kill(signal.SIGKILL)
+        operator.start()
+        finish_pod(kubectl, pod, 0, json.dumps(RESULT))
+        time.sleep(rng.uniform(0.0, 0.5))
+    operator.wait_leading()
+    for name in names:
+        wait_phase(kubectl, "Succeeded", name, timeout=90)
+        assert len(kubectl.items("jobs", f"finetune.ai/job={name}")) == 1
+        assert len(kubectl.items("configmaps", f"finetune.ai/job={name}")) == 1
+        assert kubectl.get("model", name)["status"]["phase"] == "Ready"
+    assert operator.starts >= 9
+
+
+def test_two_replicas_never_both_act(kubectl, kubeconfig, namespace, operator, tmp_path):
+    standby = OperatorProcess(kubeconfig, namespace, tmp_path / "standby.log", identity="standby").start()
+    try:
+        time.sleep(3)
+        assert "became leader" not in standby.log
+        kubectl.create(job_manifest())
+        running_pod(kubectl)
+        assert "created trainer Job" in operator.log and "created trainer Job" not in standby.log
+        operator.stop()  # a clean stop hands the Lease over at once
+        standby.wait_leading(timeout=30)
+        lease = kubectl.get("lease", "finetune-operator")
+        assert lease["spec"]["holderIdentity"].startswith("standby")
+        finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
+        wait_phase(kubectl, "Succeeded")
+    finally:
+        standby.stop()

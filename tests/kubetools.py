@@ -1,0 +1,136 @@
+"""Helpers for tests against the local control plane: kubectl, polling, the operator process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("FTO_CACHE", Path.home() / ".cache" / "finetune-operator"))
+KUBECTL = str(CACHE / "bin" / "kubectl")
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:
+    """Poll until predicate returns something truthy; return it, or fail with `what`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling through transient errors
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class Kubectl:
+    def __init__(self, kubeconfig: str, namespace: str | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [KUBECTL, "--kubeconfig", self.kubeconfig]
+        if self.namespace:
+            cmd += ["--namespace", self.namespace]
+        proc = subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json").stdout)
+
+    def get(self, kind: str, name: str) -> dict | None:
+        proc = self("get", kind, name, "-o", "json", check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr or "not found" in proc.stderr:
+                return None
+            raise AssertionError(proc.stderr)
+        return json.loads(proc.stdout)
+
+    def items(self, kind: str, selector: str | None = None) -> list[dict]:
+        args = ["get", kind] + (["-l", selector] if selector else [])
+        return self.json(*args)["items"]
+
+    def apply(self, manifest: dict | str, *, dry_run: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        args = ["apply", "-f", "-"] + (["--dry-run=server"] if dry_run else [])
+        return self(*args, input=text, check=check)
+
+    def create(self, manifest: dict) -> dict:
+        return json.loads(self("create", "-f", "-", "-o", "json", input=yaml.safe_dump(manifest)).stdout)
+
+    def merge_patch(self, kind: str, name: str, patch: dict, *, subresource: str | None = None,
+                    check: bool = True) -> subprocess.CompletedProcess:
+        args = ["patch", kind, name, "--type=merge", "-p", json.dumps(patch)]
+        if subresource:
+            args += ["--subresource", subresource]
+        return self(*args, check=check)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """The real operator (`finetune-operator`) as a child process watching one namespace."""
+
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "test-operator") -> None:
+        self.kubeconfig, self.namespace, self.log_path, self.identity = kubeconfig, namespace, log_path, identity
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> "OperatorProcess":
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "FINETUNE_NAMESPACES": self.namespace,
+            "FINETUNE_LEASE_NAMESPACE": self.namespace,
+            "FINETUNE_IDENTITY": f"{self.identity}-{self.starts}",
+            "FINETUNE_METRICS_PORT": str(free_port()),
+            "FINETUNE_HEALTH_PORT": str(free_port()),
+            "FINETUNE_RESYNC_SECONDS": "3",
+            "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
+        }
+        self.starts += 1
+        log = open(self.log_path, "a")
+        log.write(f"\n===== start {self.starts} =====\n")
+        log.flush()
+        self.proc = subprocess.Popen([str(VENV_BIN / "finetune-operator")], env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self
+
+    def wait_leading(self, timeout: float = 60) -> None:
+        wait_for(lambda: f"became leader as {self.identity}-{self.starts - 1}" in self.log_path.read_text(),
+                 timeout, what=f"operator {self.identity} to lead")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
