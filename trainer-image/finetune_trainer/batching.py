@@ -1,0 +1,110 @@
+"""Which rows each process trains on at each step, and how rows become tensors.
+
+The data order is a pure function of (seed, step): epoch e shuffles the rows with seed+e,
+and optimizer step s takes the next globalBatchSize rows. Resuming from a checkpoint at step
+s therefore sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+from finetune_trainer.data import IGNORE_INDEX, Sequence
+from finetune_trainer.errors import ConfigError, DataError
+
+Row = list[Sequence]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    num_rows: int
+    micro_batch_size: int
+    global_batch_size: int
+    world_size: int
+    epochs: int
+    max_steps: int | None
+    seed: int
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # Incomplete final batches are dropped, so every step has the same size.
+        return self.num_rows // self.global_batch_size
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
+
+    def validate(self) -> None:
+        per_step = self.micro_batch_size * self.world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.globalBatchSize: {self.global_batch_size} is not a multiple of "
+                f"microBatchSize {self.micro_batch_size} x {self.world_size} process(es)"
+            )
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"dataset: only {self.num_rows} training row(s), fewer than "
+                f"training.globalBatchSize={self.global_batch_size}; add data or lower the batch size"
+            )
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Row indices of this process's micro-batches for one optimizer step."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = list(range(self.num_rows))
+        random.Random(self.seed + epoch).shuffle(order)
+        step_rows = order[position * self.global_batch_size : (position + 1) * self.global_batch_size]
+        batches = []
+        for micro in range(self.accumulation_steps):
+            start = (micro * self.world_size + rank) * self.micro_batch_size
+            batches.append(step_rows[start : start + self.micro_batch_size])
+        return batches
+
+
+class Collator:
+    """Rows -> model inputs.
+
+    packing=True: padding-free. All sequences of the micro-batch are concatenated into one
+    row of shape [1, tokens] with position_ids restarting at 0 for each sequence
+    (transformers' DataCollatorWithFlattening). FlashAttention-2 turns those position_ids into
+    varlen kernels; SDPA/eager get a block-diagonal causal mask built from them. Either way no
+    token attends across sequence boundaries, and no pad token is computed.
+
+    packing=False: one sequence per row, right-padded with an attention mask.
+    """
+
+    def __init__(self, tokenizer, packing: bool):
+        self.packing = packing
+        if packing:
+            self._collate = DataCollatorWithFlattening(
+                return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt"
+            )
+        else:
+            self._collate = DataCollatorForSeq2Seq(
+                tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+            )
+
+    def __call__(self, rows: list[Row], device: torch.device) -> dict[str, torch.Tensor]:
+        features = [
+            {"input_ids": s.input_ids, "labels": s.labels} for row in rows for s in row
+        ]
+        batch = self._collate(features)
+        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+
+
+def count_tokens(rows: list[Row]) -> int:
+    return sum(len(s.input_ids) for row in rows for s in row)
+
+
+def count_targets(rows: list[Row]) -> int:
+    return sum(s.trained_tokens for row in rows for s in row)

@@ -1,0 +1,82 @@
+"""The DeepSpeed engine: ZeRO stage, offload, precision and optimizer from the job config.
+
+The same engine runs every stage (0-3) on GPUs (NCCL) and on CPUs (DeepSpeed's CPU
+accelerator with gloo), so there is one training path everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from finetune_trainer.batching import StepPlan
+from finetune_trainer.config import JobConfig
+
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def deepspeed_config(config: JobConfig, plan: StepPlan, device: torch.device) -> dict[str, Any]:
+    training, distributed = config.training, config.distributed
+    on_gpu = device.type == "cuda"
+    offload = distributed.offload != "none"
+    zero: dict[str, Any] = {
+        "stage": distributed.zero_stage,
+        # Without this, ZeRO-3 saves adapters as empty tensors (see research notes); we gather
+        # ourselves in outputs.gather_state_dict, but keep the engine's own save correct too.
+        "stage3_gather_16bit_weights_on_model_save": True,
+    }
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if distributed.offload == "parameters":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+
+    # On GPU with offload, DeepSpeed's vectorised CPU Adam (the image prebuilds the op).
+    # Everywhere else torch's AdamW: it needs no compiled op (FusedAdam would JIT-build
+    # with nvcc), and on CPU-only nodes it is what the offloaded optimizer runs.
+    use_torch_adam = not (on_gpu and offload)
+    ds_config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        "train_batch_size": training.global_batch_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": training.learning_rate,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": training.weight_decay,
+                **({"torch_adam": True} if use_torch_adam else {}),
+            },
+        },
+        "steps_per_print": 10**9,  # our reporter prints progress
+        "wall_clock_breakdown": False,
+    }
+    if use_torch_adam and offload:
+        ds_config["zero_force_ds_cpu_optimizer"] = False
+    if training.max_grad_norm > 0:
+        ds_config["gradient_clipping"] = training.max_grad_norm
+    return ds_config
+
+
+def build_engine(model: torch.nn.Module, config: JobConfig, plan: StepPlan, device: torch.device):
+    import deepspeed
+
+    def scheduler(optimizer):
+        return get_scheduler(
+            SCHEDULERS[config.training.lr_scheduler],
+            optimizer,
+            num_warmup_steps=config.training.warmup_steps,
+            num_training_steps=plan.total_steps,
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(config, plan, device),
+        lr_scheduler=scheduler,
+    )
+    return engine

@@ -1,0 +1,158 @@
+"""Load the base model and its tokenizer from preset://, hf:// or a local directory.
+
+Precision: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy on most hosts).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune_trainer import presets
+from finetune_trainer.config import BaseModelConfig, MethodConfig
+from finetune_trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Files a training run needs from a hub repo. Repos often also hold duplicate weights in
+# other formats (e.g. Llama's original/*.pth), which are large and unused here.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def read_token(token_file: str | None) -> str | None:
+    if token_file is None:
+        return None
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"baseModel.tokenFile: cannot read {token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"baseModel.tokenFile: {token_file} is empty")
+    return token
+
+
+def fetch_hub_snapshot(config: BaseModelConfig) -> Path:
+    """Download (or, with HF_HUB_OFFLINE=1, look up in the cache) the hub snapshot.
+
+    Uses huggingface_hub's own cache layout (models--org--name/snapshots/<commit>/), so a
+    cache volume shared between jobs is reused, and the token never reaches a log line.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id=config.hub_repo_id,
+            revision=config.revision,
+            token=read_token(config.token_file),
+            cache_dir=config.cache_dir,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+        )
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"baseModel.source: {config.source} not found, or the token cannot read it"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"baseModel.source: {config.source} (revision {config.revision or 'main'}) is not in "
+            "the local cache and the hub cannot be reached"
+        ) from None
+    except HfHubHTTPError as exc:
+        raise ConfigError(f"baseModel.source: fetching {config.source} failed: {exc}".splitlines()[0]) from None
+    return Path(path)
+
+
+def resolve_model_dir(config: BaseModelConfig) -> Path | None:
+    """The local directory holding the model, or None for a preset (built in memory)."""
+    if config.preset_name is not None:
+        return None
+    if config.hub_repo_id is not None:
+        return fetch_hub_snapshot(config)
+    path = Path(config.source)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"baseModel.source: {path} is not a directory holding a model (no config.json)")
+    return path
+
+
+def _quantization_config(method: MethodConfig):
+    """NF4 with double quantization (QLoRA), storing the packed weights as bf16 so ZeRO-3 can
+    shard them alongside the rest of the model."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def attention_implementation(device: torch.device) -> str:
+    """flash_attention_2 where installed (real padding-free varlen kernels), else SDPA.
+
+    Under SDPA, packed rows still train correctly: transformers sees position_ids that restart
+    at each sequence and builds a block-diagonal causal mask, so sequences never attend to each
+    other. It just does not skip the masked blocks the way the varlen kernel does.
+    """
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_tokenizer(config: BaseModelConfig, model_dir: Path | None):
+    if model_dir is None:
+        return presets.build_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.is_fast:
+        raise ConfigError(
+            f"baseModel.source: {config.source} has no fast tokenizer (tokenizer.json), which is "
+            "needed to find answer tokens"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only pads non-packed rows; never a target
+    return tokenizer
+
+
+def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodConfig, device: torch.device):
+    dtype = training_dtype(device)
+    attention = attention_implementation(device)
+    if config.preset_name is not None and method.type != "qlora":
+        model, _ = presets.build_preset(config.preset_name, dtype, device)
+        model.config._attn_implementation = attention
+        return model
+
+    kwargs = dict(dtype=dtype, attn_implementation=attention)
+    if method.type == "qlora":
+        kwargs["quantization_config"] = _quantization_config(method)
+        kwargs["device_map"] = {"": device}
+        if model_dir is None:  # a preset: quantization happens while loading saved weights
+            model_dir = materialize_preset(config.preset_name, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method.type != "qlora":
+        model.to(device)
+    return model
+
+
+def materialize_preset(name: str, device: torch.device) -> Path:
+    """Save a preset to a local directory so it can be loaded with quantization (QLoRA)."""
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix=f"preset-{name}-"))
+    model, tokenizer = presets.build_preset(name, torch.bfloat16, device)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    del model
+    return target

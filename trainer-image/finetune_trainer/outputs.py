@@ -1,0 +1,160 @@
+"""Final outputs: weights, tokenizer, model.yaml, and result.json last.
+
+result.json is the trainer's proof of success. It is removed at start, written only after
+every other output is complete, and written atomically (temp file, fsync, rename), so a
+crash never leaves something that looks finished:
+
+  {"files": {"adapter_model.safetensors": {"sha256": "...", "size": 123}, ...},
+   "metrics": {"trainLoss": ..., "evalLoss": ..., "initialEvalLoss": ..., "steps": ..., "tokens": ...}}
+
+"files" lists every output file except result.json itself (checkpoints are not outputs).
+The same JSON, compact, is the pod's termination message when
+reporting.terminationMessagePath is set. Kubernetes keeps at most 4096 bytes of it, so if it
+would be longer, "files" keeps only the primary weights file and "filesOmitted" says how many
+entries were dropped; result.json always has them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune_trainer.config import JobConfig
+from finetune_trainer.data import sha256_of_file
+from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE, TERMINATION_MESSAGE_LIMIT
+
+PRIMARY_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def gather_trainable_state_dict(model: torch.nn.Module, full: bool, is_main: bool) -> dict[str, torch.Tensor]:
+    """Full tensors of the parameters to save, on CPU, on rank 0 (empty elsewhere).
+
+    Under ZeRO-3 each process holds only a shard of every parameter; saving model.state_dict()
+    there writes empty tensors. GatheredParameters reassembles one parameter at a time (all
+    processes must take part), so rank 0 never holds more than the saved weights plus one
+    parameter. For other stages it is a no-op.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, parameter in model.named_parameters():
+        if not (full or parameter.requires_grad):
+            continue
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+            if is_main:
+                state[name] = parameter.detach().to("cpu", copy=True)
+    return state
+
+
+def save_weights(model: torch.nn.Module, tokenizer, full: bool, staging: Path, is_main: bool) -> None:
+    state = gather_trainable_state_dict(model, full, is_main)
+    if not is_main:
+        return
+    staging.mkdir(parents=True)
+    # For a PEFT model save_pretrained keeps only the adapter keys of `state` and writes
+    # adapter_model.safetensors + adapter_config.json; for full fine-tuning it writes the whole
+    # model (model.safetensors + config.json + generation_config.json).
+    model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+
+
+def publish_staged(staging: Path, output_dir: Path) -> list[str]:
+    """Move staged files into output_dir (same filesystem: each move is a rename)."""
+    names = []
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(staging)
+            target = output_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            names.append(str(relative))
+    shutil.rmtree(staging, ignore_errors=True)
+    return names
+
+
+def describe_files(output_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"sha256": sha256_of_file(output_dir / name), "size": (output_dir / name).stat().st_size}
+        for name in sorted(names)
+    }
+
+
+def primary_weights_file(files: dict[str, Any]) -> str | None:
+    return next((name for name in PRIMARY_WEIGHTS if name in files), None)
+
+
+def render_model_manifest(config: JobConfig, files: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The operator's Model manifest with spec.adapter and status.metrics filled in."""
+    manifest = copy.deepcopy(config.model_manifest)
+    primary = primary_weights_file(files)
+    spec = manifest.setdefault("spec", {})
+    adapter = dict(spec.get("adapter") or {})  # keeps the operator's uri
+    adapter.update(
+        format="peft" if config.method.uses_adapter else "transformers",
+        sha256=files[primary]["sha256"],
+        sizeBytes=files[primary]["size"],
+    )
+    spec["adapter"] = adapter
+    status = manifest.setdefault("status", {})
+    status["metrics"] = {
+        "trainLoss": metrics["trainLoss"],
+        "evalLoss": metrics["evalLoss"],
+        "initialEvalLoss": metrics["initialEvalLoss"],
+        "tokensSeen": metrics["tokens"],
+        "steps": metrics["steps"],
+    }
+    return manifest
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def termination_message(result: dict[str, Any]) -> str:
+    message = json.dumps(result, separators=(",", ":"))
+    if len(message.encode()) <= TERMINATION_MESSAGE_LIMIT:
+        return message
+    files = result["files"]
+    primary = primary_weights_file(files)
+    kept = {primary: files[primary]} if primary else {}
+    short = {**result, "files": kept, "filesOmitted": len(files) - len(kept)}
+    return json.dumps(short, separators=(",", ":"))
+
+
+def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+    if config.model_manifest is not None:
+        import yaml
+
+        provisional = describe_files(output_dir, names)
+        manifest = render_model_manifest(config, provisional, metrics)
+        _write_atomically(output_dir / MODEL_MANIFEST_FILE, yaml.safe_dump(manifest, sort_keys=False))
+        names = [*names, MODEL_MANIFEST_FILE]
+    result = {"files": describe_files(output_dir, names), "metrics": metrics}
+    _write_atomically(output_dir / RESULT_FILE, json.dumps(result, indent=2))
+    if config.reporting.termination_message_path:
+        write_termination_message(config.reporting.termination_message_path, termination_message(result))
+    return result
+
+
+def write_termination_message(path: str, message: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(message[:TERMINATION_MESSAGE_LIMIT])
+    except OSError:
+        pass  # the message is a convenience; result.json is the record

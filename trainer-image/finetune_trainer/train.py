@@ -1,0 +1,255 @@
+"""The training run, top to bottom.
+
+  1. read and validate the dataset (fails fast, before any model is loaded)
+  2. join the process group (torchrun env, or a group of one)
+  3. load the base model's tokenizer; tokenize, split, pack
+  4. load the base model and wrap it for the method (LoRA / QLoRA / DoRA / full)
+  5. build the DeepSpeed engine (ZeRO 0-3, offload)
+  6. resume from the latest complete checkpoint, if any
+  7. train: optimizer steps, progress, checkpoints, SIGTERM -> checkpoint and exit 143
+  8. evaluate, save weights + tokenizer, write model.yaml, write result.json last
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer import data
+from finetune_trainer.config import JobConfig
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE
+
+log = logging.getLogger(__name__)
+
+RECENT_LOSS_WINDOW = 10  # trainLoss in result.json is the mean over the last steps
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved (when there was progress to save)."""
+
+
+class StopRequest:
+    """Remembers a SIGTERM so the loop can finish its step, checkpoint and leave cleanly.
+
+    Kubernetes sends SIGTERM, waits terminationGracePeriodSeconds, then SIGKILLs; torchrun
+    forwards the SIGTERM to every worker.
+    """
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            log.warning("SIGTERM received: checkpointing after the current step, then exiting")
+        self.requested = True
+
+
+def run(config: JobConfig) -> dict[str, Any]:
+    stop = StopRequest()
+    output_dir = Path(config.output.dir)
+    if os.environ.get("RANK", "0") == "0":
+        # A result.json left by an earlier attempt must never outlive a failure of this one.
+        clear_stale_results(output_dir)
+
+    # 1. The dataset, before anything slow.
+    records, fmt, skipped_lines = data.read_examples(config.dataset)
+    log.info("dataset %s: %d examples, format %s", config.dataset.path, len(records), fmt)
+
+    import torch
+    import transformers
+
+    from finetune_trainer import adapters, batching, checkpointing, distributed, engine as engines
+    from finetune_trainer import model_loading, outputs
+    from finetune_trainer.reporting import Reporter
+
+    # 2. Processes.
+    dist = distributed.setup()
+    if config.method.type == "qlora" and dist.device.type != "cuda":
+        raise ConfigError(
+            "method.type: qlora needs a CUDA GPU (bitsandbytes NF4 kernels) and this node has none; "
+            "use lora on CPU"
+        )
+    reporter = Reporter(config.reporting, dist.is_main)
+    try:
+        # 3. Tokenizer and data. Local rank 0 fetches hub files first; the others then read the cache.
+        model_dir = None
+        for turn in (True, False):
+            if dist.is_local_main == turn:
+                model_dir = model_loading.resolve_model_dir(config.base_model)
+            distributed.barrier()
+        tokenizer = model_loading.load_tokenizer(config.base_model, model_dir)
+        if fmt == "chat" and not tokenizer.chat_template:
+            raise ConfigError(f"dataset.format: chat data needs a chat template, and {config.base_model.source} has none")
+        training = config.training
+        sequences = data.tokenize_all(records, fmt, tokenizer, training.max_seq_length)
+        train_sequences, validation_sequences = data.split(sequences, config.dataset.validation_split, training.seed)
+        train_rows = data.pack_rows(train_sequences, training.max_seq_length, training.packing, training.seed)
+        validation_rows = data.pack_rows(validation_sequences, training.max_seq_length, training.packing, training.seed)
+        plan = batching.StepPlan(
+            num_rows=len(train_rows),
+            micro_batch_size=training.micro_batch_size,
+            global_batch_size=training.global_batch_size,
+            world_size=dist.world_size,
+            epochs=training.epochs,
+            max_steps=training.max_steps,
+            seed=training.seed,
+        )
+        plan.validate()
+        log.info(
+            "%d train rows (%d sequences), %d validation rows; %d steps of %d rows (%d micro-batches x %d processes x %d accumulation)",
+            len(train_rows), len(train_sequences), len(validation_rows), plan.total_steps,
+            training.global_batch_size, training.micro_batch_size, dist.world_size, plan.accumulation_steps,
+        )
+
+        # 4. Model and method. The job seed fixes adapter init and dropout.
+        transformers.set_seed(training.seed)
+        model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device)
+        model.name_or_path = config.base_model.source  # PEFT records it in adapter_config.json
+        model = adapters.prepare_for_training(model, config.method, training.gradient_checkpointing)
+
+        # 5. Engine.
+        engine = engines.build_engine(model, config, plan, dist.device)
+
+        # 6. Resume.
+        checkpoint_root = config.checkpoint_dir
+        checkpointing.clear_incomplete(checkpoint_root, dist.is_main)
+        fingerprint = checkpointing.config_fingerprint(config, dist.world_size)
+        state = checkpointing.load_latest(engine, checkpoint_root, fingerprint, dist) or {
+            "fingerprint": fingerprint,
+            "step": 0,
+            "tokensSeen": 0,
+            "initialEvalLoss": None,
+            "recentLosses": [],
+        }
+        collate = batching.Collator(tokenizer, training.packing)
+
+        def evaluate() -> float | None:
+            if not validation_rows:
+                return None
+            return _evaluate(engine, validation_rows, collate, dist, training.micro_batch_size)
+
+        if state["step"] == 0:
+            state["initialEvalLoss"] = evaluate()
+            if state["initialEvalLoss"] is not None:
+                reporter.evaluated(0, state["initialEvalLoss"])
+        reporter.started(
+            plan.total_steps, state["step"], resumed=state["step"] > 0,
+            examples=len(records), skippedLines=skipped_lines, worldSize=dist.world_size,
+        )
+
+        # 7. Train.
+        step = state["step"]
+        last_saved_step = step
+        run_start, steps_this_run = time.perf_counter(), 0
+        while step < plan.total_steps:
+            step_start = time.perf_counter()
+            micro_losses, tokens = [], 0
+            for row_indices in plan.micro_batches(step, dist.rank):
+                rows = [train_rows[i] for i in row_indices]
+                loss = engine(**collate(rows, dist.device)).loss
+                engine.backward(loss)
+                engine.step()  # DeepSpeed applies the update at the accumulation boundary
+                micro_losses.append(loss.item())
+                tokens += batching.count_tokens(rows)
+            step += 1
+            steps_this_run += 1
+            loss_sum, step_tokens, stop_votes = distributed.all_reduce_sum(
+                [sum(micro_losses) / len(micro_losses), tokens, float(stop.requested)], dist.device
+            )
+            step_loss = loss_sum / dist.world_size
+            state["step"] = step
+            state["tokensSeen"] += int(step_tokens)
+            state["recentLosses"] = (state["recentLosses"] + [step_loss])[-RECENT_LOSS_WINDOW:]
+            elapsed = time.perf_counter() - run_start
+            reporter.step(
+                step=step,
+                total_steps=plan.total_steps,
+                epoch=plan.epoch_of(step - 1),
+                loss=step_loss,
+                learning_rate=engine.get_lr()[0],
+                tokens=int(step_tokens),
+                tokens_seen=state["tokensSeen"],
+                step_seconds=time.perf_counter() - step_start,
+                eta_seconds=elapsed / steps_this_run * (plan.total_steps - step),
+                gpu_memory=torch.cuda.max_memory_allocated() if dist.device.type == "cuda" else None,
+            )
+            checkpoint_due = step % config.checkpointing.every_steps == 0 and step < plan.total_steps
+            if checkpoint_due or (stop_votes and step > last_saved_step):
+                path = checkpointing.save(engine, checkpoint_root, step, state, config.checkpointing.keep, dist)
+                last_saved_step = step
+                reporter.emit({"event": "checkpoint", "step": step, "path": str(path)})
+            if stop_votes:
+                reporter.emit({"event": "preempted", "step": step})
+                raise Preempted(f"stopped by SIGTERM at step {step}/{plan.total_steps}; checkpoint saved, rerun to resume")
+
+        # 8. Evaluate and save.
+        eval_loss = evaluate()
+        if eval_loss is not None:
+            reporter.evaluated(step, eval_loss)
+        staging = output_dir / f".staging-{time.time_ns()}"
+        outputs.save_weights(engine.module, tokenizer, not config.method.uses_adapter, staging, dist.is_main)
+        result = None
+        if dist.is_main:
+            names = outputs.publish_staged(staging, output_dir)
+            recent = state["recentLosses"]
+            metrics = {
+                "trainLoss": sum(recent) / len(recent) if recent else None,
+                "evalLoss": eval_loss,
+                "initialEvalLoss": state["initialEvalLoss"],
+                "steps": step,
+                "tokens": state["tokensSeen"],
+                "skippedLines": skipped_lines,
+            }
+            result = outputs.write_results(config, output_dir, names, metrics)
+            reporter.emit({"event": "finished", "step": step, "metrics": metrics})
+            log.info("done: %s", metrics)
+        distributed.barrier()
+        return result or {}
+    finally:
+        reporter.close()
+
+
+def clear_stale_results(output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RESULT_FILE, RESULT_FILE + ".tmp", MODEL_MANIFEST_FILE):
+        (output_dir / name).unlink(missing_ok=True)
+    for staging in output_dir.glob(".staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _evaluate(engine, rows, collate, dist, micro_batch_size: int) -> float:
+    """Mean loss per target token over the validation rows, across all processes.
+
+    Each process takes every world_size-th row. All processes run the same number of forward
+    passes (ZeRO-3 gathers parameters collectively); a process out of rows repeats one with
+    weight zero.
+    """
+    import torch
+
+    from finetune_trainer import batching, distributed
+
+    engine.eval()
+    mine = rows[dist.rank :: dist.world_size]
+    per_process = math.ceil(len(rows) / dist.world_size)
+    loss_sum = targets_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, per_process, micro_batch_size):
+            batch_rows = mine[start : start + micro_batch_size]
+            weight = 1.0
+            if not batch_rows:
+                batch_rows, weight = rows[:1], 0.0
+            loss = engine(**collate(batch_rows, dist.device)).loss
+            targets = batching.count_targets(batch_rows)
+            loss_sum += weight * loss.item() * targets
+            targets_sum += weight * targets
+    engine.train()
+    loss_sum, targets_sum = distributed.all_reduce_sum([loss_sum, targets_sum], dist.device)
+    return loss_sum / targets_sum
