@@ -99,7 +99,11 @@ class Collator:
             {"input_ids": s.input_ids, "labels": s.labels} for row in rows for s in row
         ]
         batch = self._collate(features)
-        return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+        # With a KV cache present transformers ignores packed position_ids when building the
+        # attention mask, so sequences would attend to each other. Training never needs the cache.
+        inputs["use_cache"] = False
+        return inputs
 
 
 def count_tokens(rows: list[Row]) -> int:

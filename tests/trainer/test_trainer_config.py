@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from finetune_trainer.config import PRESET_NAMES, JobConfig, dump_config, load_config, parse_config
+from finetune_trainer.errors import ConfigError
+
+CONTRACT_EXAMPLE = textwrap.dedent("""
+    jobName: support-bot
+    baseModel:
+      source: preset://tiny-llama
+      revision: null
+      tokenFile: null
+      cacheDir: null
+    dataset:
+      path: /data/train.jsonl
+      sha256: null
+      format: auto
+      validationSplit: 0.05
+      skipBadLines: false
+    method:
+      type: lora
+      lora: {r: 16, alpha: 32, dropout: 0.05, targetModules: [all-linear]}
+    training: {epochs: 3, maxSteps: null, learningRate: 2.0e-4, microBatchSize: 4, globalBatchSize: 32, maxSeqLength: 2048, packing: true, gradientCheckpointing: true, seed: 42, warmupSteps: 0}
+    distributed: {zeroStage: 2, offload: none}
+    output:
+      dir: /output
+    checkpointing: {everySteps: 200, keep: 2, dir: null}
+    reporting:
+      progressFile: null
+      metricsPort: 0
+      terminationMessagePath: null
+    modelManifest: null
+""")
+
+MINIMAL = {"jobName": "j", "baseModel": {"source": "preset://tiny-llama"}, "dataset": {"path": "/d.jsonl"}, "output": {"dir": "/o"}}
+
+
+def with_field(dotted: str, value):
+    config = json.loads(json.dumps(MINIMAL))
+    node = config
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return config
+
+
+def test_contract_example_parses_and_round_trips(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(CONTRACT_EXAMPLE)
+    config = load_config(path)
+    assert config.method.lora.target_modules == ["all-linear"]
+    assert config.training.global_batch_size == 32
+    assert str(config.checkpoint_dir) == "/output/checkpoints"
+    assert config.reporting.metrics_host == "0.0.0.0"
+    # What dump_config renders (camelCase) parses back to the same config.
+    assert parse_config(json.loads(dump_config(config))) == config
+
+
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("method.lora.r", 0, "method.lora.r: must be >= 1"),
+        ("method.type", "prefix", "method.type: must be one of"),
+        ("training.learningRate", 0, "training.learningRate: must be > 0"),
+        ("training.globalBatchSize", 30, "training.globalBatchSize: 30 is not a multiple of microBatchSize 4"),
+        ("dataset.validationSplit", 1.0, "dataset.validationSplit: must be < 1"),
+        ("dataset.sha256", "abc", "dataset.sha256: must be 64 hex digits"),
+        ("distributed.zeroStage", 4, "distributed.zeroStage: must be <= 3"),
+        ("distributed.offload", "parameters", "distributed.offload: parameters offload needs zeroStage 3"),
+        ("baseModel.source", "preset://llama-70b", "baseModel.source: unknown preset 'llama-70b'"),
+        ("baseModel.source", "models/x", "baseModel.source: 'models/x' must be preset://NAME"),
+        ("baseModel.revision", "main", "baseModel.revision: only allowed with an hf:// source"),
+        ("reporting.metricsPort", 70000, "reporting.metricsPort: must be <= 65535"),
+        ("training.bogus", 1, "training.bogus: unknown field"),
+        ("method.lora.targetModules", [], "method.lora.targetModules: must not be empty"),
+    ],
+)
+def test_invalid_values_name_the_field(dotted, value, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(with_field(dotted, value))
+    assert message in str(caught.value)
+
+
+def test_missing_required_field():
+    config = dict(MINIMAL)
+    del config["output"]
+    with pytest.raises(ConfigError, match="^output: required$"):
+        parse_config(config)
+
+
+def test_hub_source_and_snake_case_names():
+    config = parse_config(with_field("baseModel", {"source": "hf://org/name", "revision": "v1"}))
+    assert config.base_model.hub_repo_id == "org/name"
+    # populate_by_name: Python callers may use field names.
+    assert JobConfig(job_name="j", base_model={"source": "/models/x"}, dataset={"path": "/d"}, output={"dir": "/o"})
+
+
+def test_unreadable_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobName: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML/JSON"):
+        load_config(bad)
+
+
+def test_config_module_imports_without_torch():
+    # The operator image has no torch: block it and import what the operator uses.
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import finetune_trainer, finetune_trainer.config, finetune_trainer.protocol\n"
+        "print(finetune_trainer.config.PRESET_NAMES)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "tiny-llama" in result.stdout
+
+
+def test_presets_listed_in_config_match_implementation():
+    from finetune_trainer.presets import PRESET_SHAPES
+
+    assert set(PRESET_SHAPES) == set(PRESET_NAMES)

@@ -1,0 +1,205 @@
+"""End-to-end runs of `finetune-trainer` on the tiny preset (CPU, one process)."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from finetune_trainer.data import sha256_of_file
+from trainer_helpers import (
+    arithmetic_chat, assert_ok, make_config, read_progress, run_trainer, write_config, write_jsonl,
+)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+
+
+def train(tmp_path, dataset, **overrides):
+    config = make_config(tmp_path, dataset, **overrides)
+    result = run_trainer(write_config(tmp_path, config))
+    assert_ok(result)
+    return config, json.loads((tmp_path / "out" / "result.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+def test_loss_goes_down_and_outputs_are_complete(tmp_path, chat_dataset, method):
+    manifest = {"apiVersion": "finetune.ai/v1alpha1", "kind": "Model", "metadata": {"name": "m"},
+                "spec": {"adapter": {"uri": "pvc://models/m"}}}
+    termination = tmp_path / "termination-log"
+    config, result = train(
+        tmp_path, chat_dataset, **{"method.type": method, "modelManifest": manifest,
+                                   "reporting.terminationMessagePath": str(termination)}
+    )
+    out = tmp_path / "out"
+    metrics = result["metrics"]
+    assert metrics["evalLoss"] < metrics["initialEvalLoss"] - 0.3, metrics
+    assert metrics["steps"] == 3 * (43 // 4)  # 48 examples - 5 validation, packed one per row at 128 tokens
+    assert metrics["tokens"] > 0 and metrics["trainLoss"] > 0
+
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    expected = {weights, "tokenizer.json", "tokenizer_config.json", "model.yaml"}
+    expected |= {"config.json"} if method == "full" else {"adapter_config.json"}
+    assert expected <= set(result["files"])
+    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {"result.json"}
+    assert set(result["files"]) == on_disk
+    for name, entry in result["files"].items():
+        assert entry == {"sha256": sha256_of_file(out / name), "size": (out / name).stat().st_size}
+
+    import yaml
+
+    model_yaml = yaml.safe_load((out / "model.yaml").read_text())
+    assert model_yaml["spec"]["adapter"] == {
+        "uri": "pvc://models/m", "format": "transformers" if method == "full" else "peft",
+        "sha256": result["files"][weights]["sha256"], "sizeBytes": result["files"][weights]["size"],
+    }
+    assert model_yaml["status"]["metrics"]["evalLoss"] == metrics["evalLoss"]
+    assert json.loads(termination.read_text()) == result
+
+    progress = read_progress(tmp_path / "progress.jsonl")
+    steps = [r for r in progress if r["event"] == "progress"]
+    assert [r["step"] for r in steps] == list(range(1, metrics["steps"] + 1))
+    assert {"totalSteps", "loss", "tokensPerSecond", "eta", "learningRate", "tokensSeen"} <= set(steps[0])
+    assert progress[-1]["event"] == "finished"
+
+
+def test_lora_adapter_loads_with_peft_and_changes_outputs(tmp_path, chat_dataset):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import presets
+
+    train(tmp_path, chat_dataset)
+    out = tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 3 plus 4?"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    base, _ = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        before = base(**inputs).logits
+    tuned = PeftModel.from_pretrained(base, out)
+    with torch.no_grad():
+        after = tuned(**inputs).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert tuned.peft_config["default"].base_model_name_or_path == "preset://tiny-llama"
+    # The tuned model has picked up the answer format ("<a> plus <b> is <sum>.").
+    generated = tuned.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert re.match(r"\d+ plu", tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:]))
+
+
+def test_stdout_progress_lines(tmp_path, chat_dataset):
+    """Without progressFile, progress goes to stdout as prefixed JSON lines."""
+    from trainer_helpers import PROGRESS_PREFIX
+
+    config = make_config(tmp_path, chat_dataset, **{"reporting": {}, "training.maxSteps": 2})
+    result = run_trainer(write_config(tmp_path, config))
+    assert_ok(result)
+    records = [json.loads(line[len(PROGRESS_PREFIX):]) for line in result.stdout.splitlines()
+               if line.startswith(PROGRESS_PREFIX)]
+    assert [r["step"] for r in records if r["event"] == "progress"] == [1, 2]
+    assert "step 2/2" in result.stderr  # the human-readable line
+
+
+def test_bad_data_exits_2_and_leaves_no_result(tmp_path):
+    dataset = write_jsonl(tmp_path / "bad.jsonl", [*arithmetic_chat(3), "{broken"])
+    config = make_config(tmp_path, dataset)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.json").write_text('{"stale": true}')  # from an earlier attempt
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"finetune-trainer: error: {dataset}:4: not valid JSON (Expecting property name enclosed in "
+        "double quotes) (set dataset.skipBadLines to skip bad lines)"
+    )
+    assert "Traceback" not in result.stderr
+    assert not (out / "result.json").exists()
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path, chat_dataset):
+    config = make_config(tmp_path, chat_dataset, **{"method.lora.r": 0})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "finetune-trainer: error: method.lora.r: must be >= 1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_too_small_for_batch_is_a_clear_error(tmp_path):
+    dataset = write_jsonl(tmp_path / "d.jsonl", arithmetic_chat(4))
+    config = make_config(tmp_path, dataset, **{"training.globalBatchSize": 8})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2, result.stderr
+    assert "dataset: only 3 training row(s), fewer than training.globalBatchSize=8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, chat_dataset):
+    termination = tmp_path / "termination-log"
+    config = make_config(tmp_path, chat_dataset, **{"method.type": "qlora",
+                                                    "reporting.terminationMessagePath": str(termination)})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "finetune-trainer: error: method.type: qlora needs a CUDA GPU"
+    )
+    assert json.loads(termination.read_text())["exitCode"] == 2
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_prompt_completion_data_with_skipped_lines_no_packing(tmp_path):
+    records = [{"prompt": f"{i} doubled is ", "completion": str(2 * i)} for i in range(40)]
+    dataset = write_jsonl(tmp_path / "pc.jsonl", [*records, "not json", {"prompt": 1}])
+    _, result = train(tmp_path, dataset, **{"dataset.skipBadLines": True, "training.packing": False,
+                                            "training.maxSteps": 4, "distributed.zeroStage": 2})
+    assert result["metrics"]["skippedLines"] == 2
+    assert result["metrics"]["steps"] == 4
+
+
+def _save_as_hub_cache(cache, repo_id, commit):
+    """Lay a preset out exactly like huggingface_hub's cache: models--org--name/{refs,snapshots}."""
+    from finetune_trainer import presets
+
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    model, tokenizer = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_source_from_offline_cache_and_local_directory(tmp_path, chat_dataset):
+    cache = tmp_path / "hf-cache"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = _save_as_hub_cache(cache, "acme/tiny", commit)
+    token_file = tmp_path / "token"
+    token_file.write_text("hf_secret_value\n")
+    steps = {"training.maxSteps": 3}
+
+    hub = {"source": "hf://acme/tiny", "revision": "main", "tokenFile": str(token_file), "cacheDir": str(cache)}
+    config = make_config(tmp_path, chat_dataset, baseModel=hub, **steps)
+    result = run_trainer(write_config(tmp_path, config))  # HF_HUB_OFFLINE=1
+    assert_ok(result)
+    assert "hf_secret_value" not in result.stdout + result.stderr
+    hub_result = json.loads((tmp_path / "out" / "result.json").read_text())
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "hf://acme/tiny"
+
+    # The same weights from a plain directory train identically.
+    local = tmp_path / "local-model"
+    shutil.copytree(snapshot, local)
+    config = make_config(tmp_path, chat_dataset, baseModel={"source": str(local)},
+                         **{**steps, "output.dir": str(tmp_path / "out-local")})
+    assert_ok(run_trainer(write_config(tmp_path, config)))
+    local_result = json.loads((tmp_path / "out-local" / "result.json").read_text())
+    assert local_result["metrics"]["evalLoss"] == pytest.approx(hub_result["metrics"]["evalLoss"], rel=1e-5)
+
+    # A revision missing from the cache, offline: a clear error.
+    config = make_config(tmp_path, chat_dataset, baseModel={**hub, "revision": "v2"}, **steps)
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2
+    assert "baseModel.source: hf://acme/tiny (revision v2) is not in the local cache" in result.stderr
