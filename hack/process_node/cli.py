@@ -1,0 +1,101 @@
+"""A minimal kubelet for one node: run pods bound to it as local processes. See docs/process-node.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from process_node.config import Config, Taint
+from process_node.kube import Kube
+from process_node.kubelet import Kubelet
+from process_node.runtime import preflight
+
+log = logging.getLogger("process_node")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"want KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
+    p = argparse.ArgumentParser(prog="python -m process_node", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--kubeconfig", help="default: $KUBECONFIG, then ~/.kube/config")
+    p.add_argument("--node-name", default="local-0")
+    p.add_argument("--state-dir", type=Path, default=Path(".process-node"),
+                   help="pods' volumes, logs and runtime state (default: ./.process-node)")
+    p.add_argument("--volumes-root", type=Path, help="host dir of PVCs not named by --volume (default: STATE/volumes)")
+    p.add_argument("--volume", action="append", type=_pair, default=[], metavar="CLAIM=DIR",
+                   help="run PVC CLAIM from host directory DIR (repeatable)")
+    p.add_argument("--cpu", default="4")
+    p.add_argument("--memory", default="16Gi")
+    p.add_argument("--pods", default="10")
+    p.add_argument("--resource", action="append", type=_pair, default=[], metavar="NAME=QTY",
+                   help="extra capacity, e.g. nvidia.com/gpu=1 (repeatable)")
+    p.add_argument("--label", action="append", type=_pair, default=[], metavar="KEY=VALUE")
+    p.add_argument("--taint", action="append", type=Taint.parse, default=[], metavar="KEY[=VALUE]:EFFECT")
+    p.add_argument("--node-ip", default="127.0.0.1", help="the node's and every pod's IP (must be loopback)")
+    p.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    p.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
+    p.add_argument("--keep-node", action="store_true", help="leave the Node object behind on exit")
+    p.add_argument("--log-file", type=Path, help="default: STATE/process-node.log")
+    p.add_argument("--verbose", "-v", action="store_true")
+    a = p.parse_args(argv)
+    if not a.node_ip.startswith("127."):
+        p.error("--node-ip must be in 127.0.0.0/8: nothing may point outside loopback")
+    config = Config(
+        node_name=a.node_name, kubeconfig=a.kubeconfig, state_dir=a.state_dir.resolve(),
+        volumes_root=a.volumes_root.resolve() if a.volumes_root else None,
+        claim_dirs={k: Path(v).resolve() for k, v in a.volume},
+        capacity={"cpu": a.cpu, "memory": a.memory, "pods": a.pods, **dict(a.resource)},
+        labels=dict(a.label), taints=tuple(a.taint), node_ip=a.node_ip,
+        heartbeat_seconds=a.heartbeat_seconds, shutdown_grace_seconds=a.shutdown_grace_seconds, keep_node=a.keep_node)
+    log_file = a.log_file or config.state_dir / "process-node.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=log_file, level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "kr8s"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return config, log_file
+
+
+async def _serve(config: Config) -> None:
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, main.cancel)
+    kubelet = Kubelet(await Kube.connect(config.kubeconfig), config)
+    try:
+        await kubelet.run()
+    except asyncio.CancelledError:
+        log.info("signalled: stopping")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, log_file = parse_args(argv)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    problem = preflight(config.state_dir)
+    if problem:
+        log.error("%s", problem)
+        print(f"process node: {problem}", file=sys.stderr)
+        return 1
+    log.info("process node %s starting (state %s)", config.node_name, config.state_dir)
+    try:
+        asyncio.run(_serve(config))
+    except SystemExit as exc:
+        log.error("%s", exc)
+        print(f"process node: {exc} (log: {log_file})", file=sys.stderr)
+        return 1
+    except Exception:
+        log.exception("process node failed")
+        print(f"process node failed; see {log_file}", file=sys.stderr)
+        return 1
+    log.info("process node %s stopped", config.node_name)
+    return 0

@@ -1,0 +1,99 @@
+"""The node's main loop: register, heartbeat, list-watch the pods bound here, one worker each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from process_node.config import Config
+from process_node.kube import Kube
+from process_node.node import NodeAgent
+from process_node.worker import PodWorker
+
+Obj = dict[str, Any]
+log = logging.getLogger(__name__)
+HIDDEN_ENV = ("KUBECONFIG",)  # the node's credentials are not the container's
+
+
+def base_env() -> dict[str, str]:
+    """What a container inherits before its own env: this program's environment, standing in
+    for an image's ENV (so PATH finds the venv's console scripts)."""
+    return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+
+
+class Kubelet:
+    def __init__(self, kube: Kube, config: Config) -> None:
+        self.kube, self.config = kube, config
+        self.node = NodeAgent(kube, config)
+        self.workers: dict[str, PodWorker] = {}
+        self._env = base_env()
+
+    async def run(self) -> None:
+        for d in (self.config.pods_dir, self.config.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        await self.node.register()
+        heartbeat = asyncio.create_task(self.node.heartbeat(), name="heartbeat")
+        try:
+            await self._list_watch()
+        finally:
+            heartbeat.cancel()
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        workers = list(self.workers.values())
+        log.info("shutting down: stopping %d pod(s)", len(workers))
+        await asyncio.gather(*(w.stop(self.config.shutdown_grace_seconds) for w in workers), return_exceptions=True)
+        await asyncio.gather(*(w.task for w in workers if w.task), return_exceptions=True)
+        await self.node.deregister()
+
+    async def _list_watch(self) -> None:
+        path = "/api/v1/pods"
+        selector = f"spec.nodeName={self.config.node_name}"
+        while True:
+            try:
+                listing = await self.kube.list(path, fieldSelector=selector)
+                self._sync([p for p in listing["items"]])
+                version = listing["metadata"]["resourceVersion"]
+                async for kind, obj in self.kube.watch(path, version, self.config.resync_seconds, fieldSelector=selector):
+                    if kind in ("ADDED", "MODIFIED"):
+                        self._dispatch(obj)
+                    elif kind == "DELETED":
+                        self._forget(obj["metadata"]["uid"])
+                    elif kind == "ERROR":
+                        log.info("watch error %s: listing again", obj.get("code"))
+                        break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an API hiccup: list again
+                log.warning("pod watch failed: %s; retrying", exc)
+                await asyncio.sleep(1)
+
+    def _sync(self, pods: list[Obj]) -> None:
+        uids = {p["metadata"]["uid"] for p in pods}
+        for uid in [u for u in self.workers if u not in uids]:
+            self._forget(uid)
+        for pod in pods:
+            self._dispatch(pod)
+
+    def _dispatch(self, pod: Obj) -> None:
+        uid = pod["metadata"]["uid"]
+        worker = self.workers.get(uid)
+        if worker is None:
+            worker = self.workers[uid] = PodWorker(pod, self.kube, self.config, self._env)
+            worker.task = asyncio.create_task(worker.run(), name=f"pod {worker.name}")
+            log.info("pod %s bound here", worker.name)
+        else:
+            worker.update(pod)
+
+    def _forget(self, uid: str) -> None:
+        """The pod object is gone (force-deleted, or deleted by us): kill anything left at once."""
+        worker = self.workers.pop(uid, None)
+        if worker is not None:
+            log.info("pod %s gone", worker.name)
+            asyncio.create_task(self._reap(worker))
+
+    async def _reap(self, worker: PodWorker) -> None:
+        await worker.stop(0)
+        worker.cleanup()

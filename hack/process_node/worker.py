@@ -1,0 +1,223 @@
+"""One pod's lifecycle on this node: admit, prepare, run, report, and delete when asked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from typing import Any
+
+from process_node import envvars, podstatus, volumes
+from process_node.config import Config
+from process_node.kube import Conflict, Kube, NotFound, pod_path
+from process_node.runtime import LaunchSpec, Mount, Process
+
+Obj = dict[str, Any]
+log = logging.getLogger(__name__)
+RETRY_SECONDS = 2.0
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+
+class Unsupported(Exception):
+    """The pod can never run on a process node; it fails at admission."""
+
+
+def admit(pod: Obj) -> Obj:
+    """The single container to run, or Unsupported with a message a user can act on."""
+    spec = pod.get("spec") or {}
+    if spec.get("initContainers"):
+        raise Unsupported("init containers are not supported by the process node")
+    containers = spec.get("containers") or []
+    if len(containers) != 1:
+        raise Unsupported(f"the process node runs single-container pods; this pod has {len(containers)}")
+    if spec.get("restartPolicy", "Always") != "Never":
+        raise Unsupported(f"restartPolicy {spec.get('restartPolicy', 'Always')}: the process node supports only Never")
+    if not containers[0].get("command"):
+        raise Unsupported("the container has no command: with no image, a process node runs only explicit commands")
+    return containers[0]
+
+
+class PodWorker:
+    def __init__(self, pod: Obj, kube: Kube, config: Config, base_env: dict[str, str]) -> None:
+        self.pod = pod
+        self.uid: str = pod["metadata"]["uid"]
+        self.kube, self.config, self.base_env = kube, config, base_env
+        self._changed = asyncio.Event()
+        self._process: Process | None = None
+        self._shutdown = False
+        self._finished = asyncio.Event()   # the container's end has been reported (or never started)
+        self.task: asyncio.Task | None = None
+
+    # ---- inputs from the watch -----------------------------------------------------------
+    def update(self, pod: Obj) -> None:
+        self.pod = pod
+        self._changed.set()
+
+    @property
+    def name(self) -> str:
+        return f"{self.pod['metadata']['namespace']}/{self.pod['metadata']['name']}"
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.pod["metadata"].get("deletionTimestamp"))
+
+    @property
+    def pod_dir(self):
+        return self.config.pods_dir / self.uid
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._lifecycle()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one pod's bug must not take the node down
+            log.exception("pod %s: worker failed", self.name)
+
+    async def _lifecycle(self) -> None:
+        phase = (self.pod.get("status") or {}).get("phase", "Pending")
+        if phase == "Running":  # started by an earlier run of this node: the process is gone
+            container = (self.pod["spec"]["containers"] or [{}])[0]
+            result = podstatus.Terminated(137, "ContainerStatusUnknown",
+                                          "the process node restarted and lost this container", "", podstatus.now())
+            await self._report(podstatus.terminated(self.pod, container, self.config.node_ip, result, ""))
+        elif phase == "Pending" and not self.deleting:
+            await self._run_pod()
+        self._finished.set()
+        await self._wait_deletion()
+        await self._delete()
+
+    async def _run_pod(self) -> None:
+        try:
+            container = admit(self.pod)
+        except Unsupported as exc:
+            log.info("pod %s rejected: %s", self.name, exc)
+            await self._report(podstatus.rejected(self.pod, self.config.node_ip, "UnsupportedByProcessNode", str(exc)))
+            return
+        spec = await self._prepare(container)
+        if spec is None:
+            return
+        process = self._process = Process(spec)
+        await process.start()
+        await self._report(podstatus.running(self.pod, container, self.config.node_ip, process.started_at,
+                                             process.container_id))
+        waiter = asyncio.ensure_future(process.wait())
+        while not waiter.done() and not self.deleting:
+            self._changed.clear()
+            changed = asyncio.ensure_future(self._changed.wait())
+            await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+        if not waiter.done():
+            await process.terminate(self.grace_seconds())
+        result = await waiter
+        log.info("pod %s: container exited %d (%s)", self.name, result.exit_code, result.reason)
+        status = podstatus.terminated(self.pod, container, self.config.node_ip, result, process.container_id)
+        if self._shutdown:
+            status |= {"phase": "Failed", "reason": "Terminated",
+                       "message": "Pod was terminated in response to imminent node shutdown."}
+        await self._report(status)
+
+    async def _prepare(self, container: Obj) -> LaunchSpec | None:
+        """Volumes and env, retried while their sources are missing (kubelet: CreateContainerConfigError)."""
+        last = ""
+        while not self.deleting:
+            try:
+                return await self._launch_spec(container)
+            except (volumes.VolumeError, envvars.EnvError) as exc:
+                if str(exc) != last:
+                    last = str(exc)
+                    log.info("pod %s: waiting: %s", self.name, exc)
+                    await self._report(podstatus.waiting(self.pod, container, self.config.node_ip,
+                                                         "CreateContainerConfigError", last))
+            except ValueError as exc:
+                await self._report(podstatus.rejected(self.pod, self.config.node_ip, "UnsupportedByProcessNode", str(exc)))
+                return None
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), RETRY_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _launch_spec(self, container: Obj) -> LaunchSpec:
+        meta = self.pod["metadata"]
+        namespace = meta["namespace"]
+        paths = await volumes.materialise(
+            self.pod["spec"].get("volumes") or [], self.pod_dir / "volumes", self._fetch,
+            lambda claim: volumes.claim_host_dir(self.config, self._get_or_none, namespace, claim))
+        mounts = []
+        for m in container.get("volumeMounts") or []:
+            if m["name"] not in paths:
+                continue  # a skipped volume (projected service-account token)
+            source = paths[m["name"]]
+            if m.get("subPath"):
+                source = source / m["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)  # the kubelet creates a missing subPath as a directory
+            mounts.append(Mount(source, m["mountPath"], bool(m.get("readOnly"))))
+        env_vars = await envvars.resolve(self.pod, container, self._fetch, self.config.node_ip)
+        env = {**self.base_env, "HOSTNAME": meta["name"], **env_vars}
+        name = container["name"]
+        policy = container.get("terminationMessagePolicy", "File")
+        return LaunchSpec(
+            command=envvars.command_line(container, env_vars), env=env,
+            working_dir=container.get("workingDir") or "/", mounts=mounts,
+            container_dir=self.pod_dir / "containers" / name, scratch_dir=self.pod_dir / "containers" / name / "ns",
+            log_path=self.config.logs_dir / f"{namespace}_{meta['name']}_{self.uid}" / f"{name}.log",
+            termination_message_path=container.get("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH),
+            fallback_to_logs=policy == "FallbackToLogsOnError")
+
+    def grace_seconds(self) -> float:
+        meta, spec = self.pod["metadata"], self.pod.get("spec") or {}
+        grace = meta.get("deletionGracePeriodSeconds")
+        return float(grace if grace is not None else spec.get("terminationGracePeriodSeconds", 30))
+
+    async def _wait_deletion(self) -> None:
+        while not self.deleting:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _delete(self) -> None:
+        """The container is gone: remove the pod object for good (kubelet: grace period 0)."""
+        options = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                   "preconditions": {"uid": self.uid}}
+        try:
+            await self.kube.delete(pod_path(self.pod["metadata"]["namespace"], self.pod["metadata"]["name"]), options)
+            log.info("pod %s deleted", self.name)
+        except (NotFound, Conflict):
+            pass
+        self.cleanup()
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Node shutdown: end the container, report it (kubelet: graceful node shutdown), stop."""
+        self._shutdown = True
+        if self._process is not None:
+            await self._process.terminate(grace_seconds)
+            try:
+                await asyncio.wait_for(self._finished.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
+        if self.task is not None:
+            self.task.cancel()
+
+    def cleanup(self) -> None:
+        """Drop the pod's volumes and runtime state; its logs stay under logs/."""
+        shutil.rmtree(self.pod_dir, ignore_errors=True)
+
+    # ---- API helpers ---------------------------------------------------------------------
+    async def _report(self, status: Obj) -> None:
+        meta = self.pod["metadata"]
+        try:
+            await self.kube.merge_patch(pod_path(meta["namespace"], meta["name"], "status"), podstatus.patch(self.pod, status))
+        except (NotFound, Conflict) as exc:
+            log.info("pod %s: status not written (%s)", self.name, exc)
+
+    async def _get_or_none(self, path: str) -> Obj | None:
+        try:
+            return await self.kube.get(path)
+        except NotFound:
+            return None
+
+    async def _fetch(self, kind: str, name: str) -> Obj | None:
+        plural = {"ConfigMap": "configmaps", "Secret": "secrets"}[kind]
+        return await self._get_or_none(f"/api/v1/namespaces/{self.pod['metadata']['namespace']}/{plural}/{name}")

@@ -1,0 +1,200 @@
+"""The process node against the real local control plane: pods really run as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kubetools import Kubectl, wait_for
+
+pytestmark = pytest.mark.integration
+
+HOST_PATHS = ("/etc/finetune", "/mnt/pvc", "/dev/termination-log")
+
+
+def pod(name: str, node: str, script: str, *, via_scheduler: bool = False, **container: object) -> dict:
+    placement = {"nodeSelector": {"kubernetes.io/hostname": node}} if via_scheduler else {"nodeName": node}
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "annotations": {"note": "from-annotation"}},
+        "spec": {
+            **placement, "restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "main", "image": "unused", "command": [sys.executable, "-c", textwrap.dedent(script)],
+                            **container}],
+        },
+    }
+
+
+def terminated(kubectl: Kubectl, name: str, timeout: float = 30) -> dict:
+    def done() -> dict | None:
+        p = kubectl.get("pod", name)
+        return p if p and p["status"].get("phase") in ("Succeeded", "Failed") else None
+    return wait_for(done, timeout, what=f"pod {name} to finish")
+
+
+def pvc_bound_to_host_dir(kubectl: Kubectl, namespace: str, claim: str, directory: Path) -> None:
+    """A PVC the scheduler treats as bound (no PV controller runs in the local cluster)."""
+    pv = f"{namespace}-{claim}"
+    kubectl.create({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                    "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                             "hostPath": {"path": str(directory)}, "storageClassName": "",
+                             "claimRef": {"namespace": namespace, "name": claim}}})
+    kubectl.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+                             "storageClassName": "", "volumeName": pv}})
+
+
+def test_node_registers_with_lease_and_goes_away(process_node, kubectl: Kubectl) -> None:
+    node = kubectl.get("node", process_node.name)
+    labels = node["metadata"]["labels"]
+    assert labels["finetune.ai/process-node"] == "true"
+    assert labels["node.kubernetes.io/instance-type"] == "local-process"
+    assert labels["kubernetes.io/hostname"] == process_node.name
+    assert "kwok.x-k8s.io/node" not in (node["metadata"].get("annotations") or {})
+    assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "127.0.0.1"}
+    assert node["status"]["capacity"] == {"cpu": "4", "memory": "16Gi", "pods": "10"}
+    lease = Kubectl(process_node.kubeconfig, "kube-node-lease").get("lease", process_node.name)
+    assert lease["spec"]["holderIdentity"] == process_node.name
+    first = lease["spec"]["renewTime"]
+    wait_for(lambda: Kubectl(process_node.kubeconfig, "kube-node-lease").get("lease", process_node.name)
+             ["spec"]["renewTime"] != first, 10, what="the lease to be renewed")
+    assert process_node.stop() == 0
+    assert kubectl.get("node", process_node.name) is None
+
+
+def test_pod_runs_with_config_env_and_pvc(process_node, kubectl: Kubectl, namespace: str) -> None:
+    existed = {p: os.path.lexists(p) for p in HOST_PATHS}
+    kubectl.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+                    "data": {"config.json": '{"lr": 0.1}', "lr": "0.1", "unused": "x"}})
+    pvc_bound_to_host_dir(kubectl, namespace, "data", process_node.data_dir)
+    script = """
+        import json, os, sys
+        config = json.load(open("/etc/finetune/trainer.json"))
+        assert not os.path.exists("/etc/finetune/unused"), "items must be honoured"
+        assert os.listdir("/tmp") == [], os.listdir("/tmp")
+        try:
+            open("/etc/finetune/x", "w")
+            sys.exit("config volume is writable")
+        except OSError:
+            pass
+        out = {"config": config, "argv": sys.argv[1:], "env": {k: os.environ[k] for k in
+               ("POD_NAME", "POD_NAMESPACE", "NOTE", "NODE", "LR", "GREETING")}, "cwd": os.getcwd()}
+        open("/mnt/pvc/data/out.json", "w").write(json.dumps(out))
+        open("/dev/termination-log", "w").write(json.dumps({"ok": True}))
+    """
+    manifest = pod("runner", process_node.name, script, via_scheduler=True,
+                   args=["$(GREETING)-$(LR)", "$$(LR)", "$(UNKNOWN)"],
+                   env=[{"name": "GREETING", "value": "hello"},
+                        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        {"name": "NOTE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['note']"}}},
+                        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                        {"name": "LR", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "lr"}}}],
+                   volumeMounts=[{"name": "config", "mountPath": "/etc/finetune", "readOnly": True},
+                                 {"name": "data", "mountPath": "/mnt/pvc/data"},
+                                 {"name": "tmp", "mountPath": "/tmp"}],
+                   workingDir="/mnt/pvc/data")
+    manifest["spec"]["volumes"] = [
+        {"name": "config", "configMap": {"name": "cfg", "items": [{"key": "config.json", "path": "trainer.json"}]}},
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    kubectl.create(manifest)
+    done = terminated(kubectl, "runner")
+    status = done["status"]
+    state = status["containerStatuses"][0]["state"]["terminated"]
+    assert status["phase"] == "Succeeded", state
+    assert state["exitCode"] == 0 and state["reason"] == "Completed"
+    assert json.loads(state["message"]) == {"ok": True}
+    assert state["startedAt"] and state["finishedAt"]
+    assert status["podIP"].startswith("127.") and status["hostIP"] == "127.0.0.1"
+    out = json.loads((process_node.data_dir / "out.json").read_text())
+    assert out["config"] == {"lr": 0.1}
+    assert out["argv"] == ["hello-0.1", "$(LR)", "$(UNKNOWN)"]
+    assert out["env"] == {"POD_NAME": "runner", "POD_NAMESPACE": namespace, "NOTE": "from-annotation",
+                          "NODE": process_node.name, "LR": "0.1", "GREETING": "hello"}
+    assert out["cwd"] == "/mnt/pvc/data"
+    assert {p: os.path.lexists(p) for p in HOST_PATHS} == existed, "mounts leaked onto the host"
+
+
+def test_failing_command_fails_the_pod(process_node, kubectl: Kubectl) -> None:
+    kubectl.create(pod("crash", process_node.name, "import sys; print('boom: bad config'); sys.exit(3)",
+                       terminationMessagePolicy="FallbackToLogsOnError"))
+    kubectl.create(pod("no-such", process_node.name, "", command=["definitely-not-a-command-xyz"]))
+    status = terminated(kubectl, "crash")["status"]
+    state = status["containerStatuses"][0]["state"]["terminated"]
+    assert status["phase"] == "Failed"
+    assert (state["exitCode"], state["reason"]) == (3, "Error")
+    assert "boom: bad config" in state["message"]
+    missing = terminated(kubectl, "no-such")["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (missing["exitCode"], missing["reason"]) == (128, "StartError")
+    assert "definitely-not-a-command-xyz" in missing["message"]
+
+
+def test_unsupported_pod_is_rejected(process_node, kubectl: Kubectl) -> None:
+    manifest = pod("two", process_node.name, "pass")
+    manifest["spec"]["containers"].append({"name": "second", "image": "unused", "command": ["true"]})
+    kubectl.create(manifest)
+    status = terminated(kubectl, "two")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "UnsupportedByProcessNode"
+    assert "single-container" in status["message"]
+
+
+def _running_pid(kubectl: Kubectl, name: str) -> int:
+    def running() -> int | None:
+        p = kubectl.get("pod", name)
+        if not p or p["status"].get("phase") != "Running":
+            return None
+        return int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+    return wait_for(running, 30, what=f"pod {name} Running")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+STUBBORN = """
+    import signal, time, pathlib
+    def on_term(*_):
+        pathlib.Path("/mnt/pvc/data/got-sigterm").write_text("yes")   # ...and keep running
+    signal.signal(signal.SIGTERM, on_term)
+    pathlib.Path("/mnt/pvc/data/started").write_text("yes")
+    while True:
+        time.sleep(0.1)
+"""
+
+
+def _stubborn_pod(name: str, node: str) -> dict:
+    manifest = pod(name, node, STUBBORN, volumeMounts=[{"name": "data", "mountPath": "/mnt/pvc/data"}])
+    manifest["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    return manifest
+
+
+def test_deletion_terminates_then_kills(process_node, kubectl: Kubectl) -> None:
+    kubectl.create(_stubborn_pod("sleeper", process_node.name))
+    pid = _running_pid(kubectl, "sleeper")
+    wait_for(lambda: (process_node.data_dir / "started").exists(), 10, what="the process to start")
+    assert _alive(pid)
+    kubectl("delete", "pod", "sleeper", "--wait=false")
+    wait_for(lambda: kubectl.get("pod", "sleeper") is None, 20, what="the pod to be deleted")
+    assert (process_node.data_dir / "got-sigterm").read_text() == "yes"
+    assert not _alive(pid)
+
+
+def test_node_shutdown_leaves_no_process(process_node, kubectl: Kubectl) -> None:
+    kubectl.create(_stubborn_pod("orphan", process_node.name))
+    pid = _running_pid(kubectl, "orphan")
+    assert process_node.stop() == 0
+    assert not _alive(pid)
+    status = kubectl.get("pod", "orphan")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "Terminated"
