@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from typing import Any
 
 from process_node.config import Config
@@ -19,8 +20,13 @@ HIDDEN_ENV = ("KUBECONFIG",)  # the node's credentials are not the container's
 
 def base_env() -> dict[str, str]:
     """What a container inherits before its own env: this program's environment, standing in
-    for an image's ENV (so PATH finds the venv's console scripts)."""
-    return {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+    for an image's ENV, with this interpreter's bin directory (the venv's) first on PATH so
+    console scripts such as `finetune-trainer` resolve even when the venv is not activated."""
+    env = {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+    bin_dir = os.path.dirname(sys.executable)
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    env["PATH"] = os.pathsep.join([bin_dir] + [p for p in path if p != bin_dir])
+    return env
 
 
 class Kubelet:

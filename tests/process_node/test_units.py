@@ -95,3 +95,15 @@ def test_log_tail_limits(tmp_path: Path) -> None:
     text = tail(log, 80, 2048)
     assert text.splitlines()[-1] == "line 199" and len(text.splitlines()) == 80
     assert len(tail(log, 80, 100)) == 100
+
+
+def test_container_path_finds_this_interpreters_scripts(monkeypatch) -> None:
+    import os
+    import sys
+
+    from process_node.kubelet import base_env
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("KUBECONFIG", "/secret/kubeconfig")
+    env = base_env()
+    assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
+    assert "KUBECONFIG" not in env
