@@ -131,7 +131,7 @@ up() {
   local controllers=job-controller,garbage-collector-controller,namespace-controller,ttl-after-finished-controller
   controllers+=,pod-garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller
   controllers+=,root-ca-certificate-publisher-controller,replicaset-controller,deployment-controller
-  controllers+=,node-lifecycle-controller,endpointslice-controller
+  controllers+=,node-lifecycle-controller,endpointslice-controller,persistentvolume-binder-controller
   start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG_FILE" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$KCM_PORT" --controllers="$controllers" \
     --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" --use-service-account-credentials=false \

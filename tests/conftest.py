@@ -71,3 +71,29 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture
+def claims(kubeconfig: str, namespace: str, kubectl: Kubectl):
+    """PersistentVolumeClaims `data` and `models`, bound to pre-made PersistentVolumes, as a
+    trainer pod needs them to be scheduled. (kwok runs no container, so nothing is mounted.)"""
+    cluster = Kubectl(kubeconfig)
+    names = ["data", "models"]
+    for claim in names:
+        pv = f"{namespace}-{claim}"
+        cluster.apply({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
+                     "claimRef": {"namespace": namespace, "name": claim}},
+        })
+        kubectl.apply({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+                     "resources": {"requests": {"storage": "1Gi"}}},
+        })
+    wait_for(lambda: all(kubectl.get("pvc", c)["status"].get("phase") == "Bound" for c in names), 60,
+             what="the claims to bind")
+    yield names
+    for claim in names:
+        cluster("delete", "pv", f"{namespace}-{claim}", "--wait=false", check=False)

@@ -5,6 +5,7 @@ gives rank 0 a stable DNS name for torchrun's rendezvous."""
 from __future__ import annotations
 
 import yaml
+from finetune_trainer.protocol import EXIT_USER_ERROR
 
 from . import naming, sources, trainer_config
 from .api import FineTuneJob
@@ -13,9 +14,6 @@ from .settings import OperatorSettings
 
 TRAINER_CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
-# Exit code the trainer uses for bad config or bad data: retrying cannot help, so the Job's pod
-# failure policy fails the whole Job at once instead of burning the backoff limit.
-EXIT_USER_ERROR = 2
 
 
 def build_config_map(job: FineTuneJob) -> dict:
@@ -175,6 +173,8 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "backoffLimit": spec.backoff_limit,
         "podFailurePolicy": {
             "rules": [
+                # Bad config or bad data: retrying cannot help, so fail the whole Job at once
+                # instead of burning the backoff limit.
                 {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}},
                 # Preemption, eviction and node drain are not the trainer's fault.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},

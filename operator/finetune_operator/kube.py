@@ -30,9 +30,20 @@ def _status_code(exc: kr8s.ServerError) -> int | None:
     return exc.response.status_code if exc.response is not None else None
 
 
+_client: kr8s.asyncio.Api | None = None
+
+
+async def client() -> kr8s.asyncio.Api:
+    """One authenticated client per process (kr8s.asyncio.api() re-checks the server each call)."""
+    global _client
+    if _client is None:
+        _client = await kr8s.asyncio.api()
+    return _client
+
+
 async def _call(method: str, kind: str, namespace: str | None, path: str = "", **kwargs) -> dict | None:
     version, plural = RESOURCES[kind]
-    api = await kr8s.asyncio.api()
+    api = await client()
     url = plural + (f"/{path}" if path else "")
     try:
         async with api.call_api(method, version=version, namespace=namespace, url=url, **kwargs) as response:

@@ -1,7 +1,7 @@
 """Entry point: `finetune-operator` (or `python -m finetune_operator`).
 
-Waits to become leader, then runs Kopf with the handlers in `handlers`, serving Prometheus
-metrics and a liveness endpoint. Exits non-zero if leadership is lost, so the pod restarts as a
+Serves health and Prometheus metrics, waits to become leader, then runs Kopf with the handlers
+in `handlers`. Exits non-zero if leadership is lost, so the pod restarts as a
 candidate instead of acting alongside the new leader.
 """
 
@@ -17,12 +17,29 @@ import uuid
 
 import kopf
 import prometheus_client
+from aiohttp import web
 
 from . import handlers  # noqa: F401  (registers the handlers)
 from .leader import LeaseElector
 from .settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator")
+
+
+async def serve_health(port: int) -> web.AppRunner:
+    """Liveness and readiness for every replica, leader or standby: a standby waiting for the
+    Lease is healthy, and must not be restarted for not leading."""
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/healthz", ok)
+    app.router.add_get("/readyz", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
 
 
 async def run(settings: OperatorSettings) -> int:
@@ -33,15 +50,17 @@ async def run(settings: OperatorSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    health = await serve_health(settings.health_port)
+    prometheus_client.start_http_server(settings.metrics_port)
     acquiring = asyncio.create_task(elector.acquire())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         acquiring.cancel()
+        await health.cleanup()
         return 0
     stopping.cancel()
 
-    prometheus_client.start_http_server(settings.metrics_port)
     keeper = asyncio.create_task(elector.keep(stop))
     namespaces = settings.watched_namespaces
     try:
@@ -50,18 +69,19 @@ async def run(settings: OperatorSettings) -> int:
             clusterwide=not namespaces,
             namespaces=namespaces,
             stop_flag=stop,
-            liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz",
         )
     finally:
         stop.set()
         await keeper
         if not elector.lost.is_set():
             await elector.release()
+        await health.cleanup()
     return 1 if elector.lost.is_set() else 0
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the log
     sys.exit(asyncio.run(run(OperatorSettings())))
 
 

@@ -65,12 +65,19 @@ def confined_path(rest: str, field: str) -> tuple[str, str]:
     return name, normalised
 
 
-def resolve(uri: str, field: str, *, writable: bool = False) -> Resolved:
+def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[str, str] | None = None) -> Resolved:
+    """Resolve for a trainer pod, or, with `claim_dirs` (claim -> local directory), for a local run."""
     scheme, rest = split(uri)
     if scheme == "pvc":
         claim, path = confined_path(rest, field)
+        if claim_dirs is not None:
+            if claim not in claim_dirs:
+                raise UnsupportedSource(f"{field}: no local directory for claim {claim!r}; pass --volume {claim}=DIR")
+            return Resolved(posixpath.join(claim_dirs[claim], path) if path else claim_dirs[claim])
         mount = Mount(f"pvc-{claim}"[:63], f"{PVC_ROOT}/{claim}", read_only=not writable, claim=claim)
         return Resolved(posixpath.join(mount.mount_path, path) if path else mount.mount_path, mount)
+    if scheme == "configmap" and claim_dirs is not None:
+        raise UnsupportedSource(f"{field}: configmap:// needs a cluster; for a local run put the file on a --volume")
     if scheme == "configmap":
         name, key = confined_path(rest, field)
         if not key or "/" in key:

@@ -21,19 +21,27 @@ TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9090
 
 
-def resolved_sources(job: FineTuneJob) -> dict[str, sources.Resolved]:
+def resolved_sources(job: FineTuneJob, claim_dirs: dict[str, str] | None = None) -> dict[str, sources.Resolved]:
     spec = job.spec
     return {
-        "baseModel": sources.resolve(spec.base_model.source, "baseModel.source"),
-        "dataset": sources.resolve(spec.dataset.source, "dataset.source"),
-        "output": sources.resolve(spec.output.destination, "output.destination", writable=True),
+        "baseModel": sources.resolve(spec.base_model.source, "baseModel.source", claim_dirs=claim_dirs),
+        "dataset": sources.resolve(spec.dataset.source, "dataset.source", claim_dirs=claim_dirs),
+        "output": sources.resolve(spec.output.destination, "output.destination", writable=True, claim_dirs=claim_dirs),
     }
 
 
-def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The trainer config as a plain dict (camelCase), validated by the trainer's schema."""
+def in_cluster_reporting() -> dict[str, Any]:
+    return {"metricsPort": METRICS_PORT, "terminationMessagePath": TERMINATION_LOG}
+
+
+def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None, *,
+           claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainer config as a plain dict (camelCase), validated by the trainer's schema.
+
+    In a pod (the default) URIs resolve to the pod's mount paths; a local run passes
+    `claim_dirs` to map each pvc:// claim to a directory, and its own `reporting`."""
     spec = job.spec
-    resolved = resolved_sources(job)
+    resolved = resolved_sources(job, claim_dirs)
     config = {
         "jobName": job.metadata.name,
         "baseModel": {
@@ -53,7 +61,7 @@ def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None) -> di
         "distributed": {"zeroStage": spec.distributed.zero_stage, "offload": spec.distributed.offload},
         "output": {"dir": resolved["output"].value},
         "checkpointing": spec.checkpointing.to_wire(),
-        "reporting": {"metricsPort": METRICS_PORT, "terminationMessagePath": TERMINATION_LOG},
+        "reporting": reporting if reporting is not None else in_cluster_reporting(),
         "modelManifest": model_manifest,
     }
     return JobConfig.model_validate(config).model_dump(by_alias=True, exclude_none=True, mode="json")

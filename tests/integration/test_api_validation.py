@@ -77,7 +77,7 @@ INVALID = [
     ("karpenter-with-selector", "spec.nodePool", {"provisioner": "karpenter", "nodeSelector": {"a": "b"}},
      "nodePool.nodeSelector and nodePool.tolerations apply to the existing and none provisioners"),
     ("class-ref-without-karpenter", "spec.nodePool",
-     {"provisioner": "existing", "nodeClassRef": {"group": "g", "kind": "K", "name": "n"}},
+     {"provisioner": "existing", "nodeClassRef": {"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "default"}},
      "nodePool.nodeClassRef only applies to the karpenter provisioner"),
     ("unknown-field", "spec.training", {"learningrate": 0.1}, 'unknown field "spec.training.learningrate"'),
     ("negative-deadline", "spec.activeDeadlineSeconds", 0, "spec.activeDeadlineSeconds"),

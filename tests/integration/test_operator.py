@@ -10,7 +10,11 @@ import random
 import signal
 import time
 
+import pytest
+
 from kubetools import OperatorProcess, wait_for
+
+pytestmark = pytest.mark.usefixtures("claims")
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
