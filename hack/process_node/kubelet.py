@@ -6,10 +6,12 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from process_node.config import Config
 from process_node.kube import Kube
+from process_node.logserver import LogServer
 from process_node.node import NodeAgent
 from process_node.worker import PodWorker
 
@@ -35,10 +37,12 @@ class Kubelet:
         self.node = NodeAgent(kube, config)
         self.workers: dict[str, PodWorker] = {}
         self._env = base_env()
+        self.logs = LogServer(self.log_path, self.running)
 
     async def run(self) -> None:
         for d in (self.config.pods_dir, self.config.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.node.kubelet_port = await self.logs.start(self.config.state_dir, self.config.node_ip)
         await self.node.register()
         heartbeat = asyncio.create_task(self.node.heartbeat(), name="heartbeat")
         try:
@@ -46,6 +50,19 @@ class Kubelet:
         finally:
             heartbeat.cancel()
             await self.shutdown()
+            await self.logs.stop()
+
+    def _workers_of(self, namespace: str, pod: str) -> list[PodWorker]:
+        return [w for w in self.workers.values() if w.name == f"{namespace}/{pod}"]
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path | None:
+        """The newest log of that container of that pod name (a Job may reuse no names, but
+        a re-created pod of the same name gets a new uid and a new directory)."""
+        found = sorted(self.config.logs_dir.glob(f"{namespace}_{pod}_*/{container}.log"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
+    def running(self, namespace: str, pod: str) -> bool:
+        return any(w.running for w in self._workers_of(namespace, pod))
 
     async def shutdown(self) -> None:
         workers = list(self.workers.values())

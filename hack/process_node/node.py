@@ -31,6 +31,7 @@ class NodeAgent:
         self.started = now()
         self.uid = ""
         self.kubelet_version = "v0.0.0"
+        self.kubelet_port = 0     # where `kubectl logs` is served; 0: not served
 
     def _labels(self) -> dict[str, str]:
         return {"kubernetes.io/arch": ARCH, **self.config.node_labels()}
@@ -53,7 +54,7 @@ class NodeAgent:
                 cond("PIDPressure", False, "KubeletHasSufficientPID", "process node"),
                 cond("Ready", True, "KubeletReady", "process node is posting ready status"),
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {"architecture": ARCH, "operatingSystem": "linux", "kubeletVersion": self.kubelet_version,
                          "kubeProxyVersion": "", "containerRuntimeVersion": "process://0.1", "osImage": platform.platform(),
                          "kernelVersion": platform.release(), "machineID": "", "systemUUID": "", "bootID": ""},

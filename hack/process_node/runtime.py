@@ -67,6 +67,10 @@ class Process:
         return self.spec.container_dir / "termination-log"
 
     @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
     def container_id(self) -> str:
         return f"process://{self._proc.pid}" if self._proc else ""
 

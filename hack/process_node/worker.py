@@ -58,6 +58,10 @@ class PodWorker:
         return f"{self.pod['metadata']['namespace']}/{self.pod['metadata']['name']}"
 
     @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.alive
+
+    @property
     def deleting(self) -> bool:
         return bool(self.pod["metadata"].get("deletionTimestamp"))
 
@@ -68,24 +72,35 @@ class PodWorker:
     # ---- lifecycle -----------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            await self._lifecycle()
+            await self._start_or_recover()
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one pod's bug must not take the node down
-            log.exception("pod %s: worker failed", self.name)
+            log.exception("pod %s: worker failed; the pod is left to deletion", self.name)
+        self._finished.set()
+        try:
+            await self._wait_deletion()
+            await self._delete()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            log.exception("pod %s: deletion failed", self.name)
 
-    async def _lifecycle(self) -> None:
+    async def _start_or_recover(self) -> None:
         phase = (self.pod.get("status") or {}).get("phase", "Pending")
-        if phase == "Running":  # started by an earlier run of this node: the process is gone
-            container = (self.pod["spec"]["containers"] or [{}])[0]
-            result = podstatus.Terminated(137, "ContainerStatusUnknown",
-                                          "the process node restarted and lost this container", "", podstatus.now())
-            await self._report(podstatus.terminated(self.pod, container, self.config.node_ip, result, ""))
+        if phase == "Running":  # started by an earlier run of this node: the process died with it
+            await self._report_lost()
         elif phase == "Pending" and not self.deleting:
             await self._run_pod()
-        self._finished.set()
-        await self._wait_deletion()
-        await self._delete()
+
+    async def _report_lost(self) -> None:
+        container = (self.pod["spec"].get("containers") or [{"name": "unknown"}])[0]
+        previous = ((self.pod["status"].get("containerStatuses") or [{}])[0])
+        started = (previous.get("state") or {}).get("running", {}).get("startedAt") or podstatus.now()
+        result = podstatus.Terminated(137, "ContainerStatusUnknown",
+                                      "the process node restarted and lost this container", started, podstatus.now())
+        await self._report(podstatus.terminated(self.pod, container, self.config.node_ip, result,
+                                                previous.get("containerID", "")))
 
     async def _run_pod(self) -> None:
         try:

@@ -58,6 +58,12 @@ class ProcessNode:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up (containers die through their parent-death signal)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     @property
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

@@ -87,6 +87,7 @@ def test_pod_runs_with_config_env_and_pvc(process_node, kubectl: Kubectl, namesp
                ("POD_NAME", "POD_NAMESPACE", "NOTE", "NODE", "LR", "GREETING")}, "cwd": os.getcwd()}
         open("/mnt/pvc/data/out.json", "w").write(json.dumps(out))
         open("/dev/termination-log", "w").write(json.dumps({"ok": True}))
+        print("runner finished", flush=True)
     """
     manifest = pod("runner", process_node.name, script, via_scheduler=True,
                    args=["$(GREETING)-$(LR)", "$$(LR)", "$(UNKNOWN)"],
@@ -121,6 +122,7 @@ def test_pod_runs_with_config_env_and_pvc(process_node, kubectl: Kubectl, namesp
                           "NODE": process_node.name, "LR": "0.1", "GREETING": "hello"}
     assert out["cwd"] == "/mnt/pvc/data"
     assert {p: os.path.lexists(p) for p in HOST_PATHS} == existed, "mounts leaked onto the host"
+    assert kubectl("logs", "runner").stdout == "runner finished\n"  # served by the node on 127.0.0.1
 
 
 def test_failing_command_fails_the_pod(process_node, kubectl: Kubectl) -> None:
@@ -156,11 +158,12 @@ def _running_pid(kubectl: Kubectl, name: str) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for a parent to reap it."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 STUBBORN = """
@@ -198,3 +201,16 @@ def test_node_shutdown_leaves_no_process(process_node, kubectl: Kubectl) -> None
     assert not _alive(pid)
     status = kubectl.get("pod", "orphan")["status"]
     assert status["phase"] == "Failed" and status["reason"] == "Terminated"
+
+
+def test_restarted_node_reports_lost_containers(process_node, kubectl: Kubectl) -> None:
+    kubectl.create(_stubborn_pod("lost", process_node.name))
+    started = _running_pid(kubectl, "lost")
+    process_node.kill()
+    wait_for(lambda: not _alive(started), 10, what="the container to die with its node")
+    process_node.start()  # same name and state dir: adopts its Node
+    status = wait_for(lambda: (p := kubectl.get("pod", "lost")) and p["status"]["phase"] == "Failed" and p["status"], 20,
+                      what="the lost pod to fail")
+    state = status["containerStatuses"][0]["state"]["terminated"]
+    assert (state["exitCode"], state["reason"]) == (137, "ContainerStatusUnknown")
+    kubectl("delete", "pod", "lost", "--timeout=20s")
