@@ -3,7 +3,9 @@
 # kube-scheduler and kwok (fake nodes that run pods through scripted stages), all bound to
 # 127.0.0.1 and built from their Go modules by hack/build-binaries.sh.
 #
-#   hack/cluster.sh up      start it (idempotent: a healthy cluster is left as it is)
+#   hack/cluster.sh up [--karpenter]
+#                           start it (idempotent: a healthy cluster is left as it is); with
+#                           --karpenter also Karpenter's KWOK provider, so NodePools become nodes
 #   hack/cluster.sh down    stop the processes it started, by pid, and remove their state
 #   hack/cluster.sh status  say whether it is up
 #
@@ -22,6 +24,8 @@ ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
 KCM_PORT=${KCM_PORT:-10257}
 SCHEDULER_PORT=${SCHEDULER_PORT:-10259}
 KWOK_METRICS_PORT=${KWOK_METRICS_PORT:-10247}
+KARPENTER_METRICS_PORT=${KARPENTER_METRICS_PORT:-18090}
+KARPENTER_HEALTH_PORT=${KARPENTER_HEALTH_PORT:-18091}
 # Pod IPs handed out by kwok: inside 127.0.0.0/8 so nothing ever points outside loopback.
 POD_CIDR=${POD_CIDR:-127.100.0.0/16}
 
@@ -95,7 +99,7 @@ EOF
 
 kwok_stages() {
   local dir
-  dir=$(cd "$repo" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  dir=$(module_dir "sigs.k8s.io/kwok@$KWOK_VERSION")
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
            pod/fast/pod-ready.yaml pod/fast/pod-delete.yaml; do
     cat "$dir/kustomize/stage/$f"; echo "---"
@@ -103,11 +107,35 @@ kwok_stages() {
   cat "$here/kwok/pod-exit.yaml"
 }
 
+module_dir() { (cd "$repo" && go mod download -json "$1" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p'); }
+
+karpenter_up() {
+  BIN=$("$here/build-binaries.sh" karpenter)
+  if alive karpenter; then return; fi
+  local dir; dir=$(module_dir "sigs.k8s.io/karpenter@$KARPENTER_VERSION")
+  # The chart copies of the NodePool/NodeClaim CRDs allow the karpenter.kwok.sh labels.
+  kubectl apply --server-side --force-conflicts -f "$dir/kwok/charts/crds/karpenter.sh_nodepools.yaml" \
+    -f "$dir/kwok/charts/crds/karpenter.sh_nodeclaims.yaml" -f "$dir/kwok/charts/crds/karpenter.sh_nodeoverlays.yaml" \
+    -f "$dir/kwok/apis/crds/karpenter.kwok.sh_kwoknodeclasses.yaml" >"$LOGS/karpenter-crds.log" 2>&1
+  kubectl wait --for=condition=Established --timeout=60s crd/nodepools.karpenter.sh crd/nodeclaims.karpenter.sh \
+    crd/kwoknodeclasses.karpenter.kwok.sh >>"$LOGS/karpenter-crds.log" 2>&1
+  kubectl apply -f "$here/karpenter/nodeclass.yaml" >>"$LOGS/karpenter-crds.log" 2>&1
+  # Karpenter parses os.Args itself and panics on unknown flags: configure it by environment.
+  start karpenter env KUBECONFIG="$KUBECONFIG_FILE" DISABLE_LEADER_ELECTION=true \
+    INSTANCE_TYPES_FILE_PATH="$here/karpenter/instance-types.json" \
+    METRICS_PORT="$KARPENTER_METRICS_PORT" HEALTH_PROBE_PORT="$KARPENTER_HEALTH_PORT" \
+    BATCH_IDLE_DURATION=500ms BATCH_MAX_DURATION=2s LOG_LEVEL=debug "$BIN/karpenter-kwok"
+  wait_for karpenter 60 curl -sf "http://127.0.0.1:$KARPENTER_HEALTH_PORT/healthz"
+  say "karpenter up"
+}
+
 up() {
   BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
   mkdir -p "$PIDS" "$LOGS"
   if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok; then
-    say "already running ($KUBECONFIG_FILE)"; return
+    say "already running ($KUBECONFIG_FILE)"
+    if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
+    return
   fi
   make_pki
   write_kubeconfig
@@ -148,12 +176,13 @@ up() {
   kubectl apply -f "$here/nodes.yaml" >"$LOGS/nodes.log" 2>&1
   wait_for "nodes Ready" 60 kubectl wait --for=condition=Ready node --all --timeout=1s
   wait_for "default service account" 60 kubectl -n default get serviceaccount default
+  if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
   say "up: export KUBECONFIG=$KUBECONFIG_FILE"
 }
 
 down() {
   local name pid
-  for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [ -f "$PIDS/$name" ] || continue
     pid=$(cat "$PIDS/$name")
     if kill -0 "$pid" 2>/dev/null; then
@@ -177,7 +206,7 @@ status() {
 }
 
 case ${1:-} in
-  up) up ;;
+  up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -8,9 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 
-if ! hack/cluster.sh status 2>/dev/null; then
+if hack/cluster.sh status 2>/dev/null; then
+  hack/cluster.sh up --karpenter   # a running cluster gets Karpenter added if it lacks it
+else
   trap 'hack/cluster.sh down' EXIT
-  hack/cluster.sh up
+  hack/cluster.sh up --karpenter
 fi
 export KUBECONFIG="$PWD/.cluster/kubeconfig"
 

@@ -89,8 +89,10 @@ def free_port() -> int:
 class OperatorProcess:
     """The real operator (`finetune-operator`) as a child process watching one namespace."""
 
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "test-operator") -> None:
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "test-operator",
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.identity = kubeconfig, namespace, log_path, identity
+        self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -105,6 +107,7 @@ class OperatorProcess:
             "FINETUNE_HEALTH_PORT": str(free_port()),
             "FINETUNE_RESYNC_SECONDS": "3",
             "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
+            **self.extra_env,
         }
         self.starts += 1
         log = open(self.log_path, "a")

@@ -364,7 +364,8 @@ class FineTuneJobSpec(ApiModel):
         default=None, ge=0, description="Delete the FineTuneJob this many seconds after it succeeds or fails."
     )
     backoff_limit: int = Field(
-        default=3, ge=0, le=100, description="Retries of retryable trainer failures before the job fails."
+        default=3, ge=0, le=100, description="Retries of retryable trainer failures before the job fails. On several nodes one "
+        "failed pod restarts the whole attempt, which resumes from the latest checkpoint."
     )
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 import yaml
 from finetune_trainer.protocol import EXIT_USER_ERROR
 
-from . import naming, sources, trainer_config
+from . import naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
 from .model import manifest_template
 from .settings import OperatorSettings
@@ -84,20 +84,6 @@ def _resources(job: FineTuneJob) -> dict:
     return {"requests": requests, "limits": limits}
 
 
-def _placement(job: FineTuneJob, settings: OperatorSettings) -> dict:
-    pool = job.spec.node_pool
-    provisioner = pool.provisioner or settings.default_provisioner
-    placement: dict = {}
-    if provisioner == "existing" or provisioner == "none":
-        if pool.node_selector:
-            placement["nodeSelector"] = dict(pool.node_selector)
-        if pool.tolerations:
-            placement["tolerations"] = [t.to_wire() for t in pool.tolerations]
-    if job.spec.resources.instance_type and provisioner != "karpenter":
-        placement.setdefault("nodeSelector", {})["node.kubernetes.io/instance-type"] = job.spec.resources.instance_type
-    return placement
-
-
 def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
     spec = job.spec
     name = naming.trainer_name(job)
@@ -152,6 +138,8 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         },
     }
     pod_labels = naming.labels(job)
+    placement = provisioning.pod_placement(job, settings)
+    pod_annotations = placement.pop("annotations", {})
     pod_spec = {
         "restartPolicy": "Never",
         # The trainer needs no Kubernetes API access.
@@ -162,7 +150,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
-        **_placement(job, settings),
+        **placement,
     }
     if needs_service(job):
         pod_spec["subdomain"] = name
@@ -170,7 +158,8 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "completionMode": "Indexed",
         "completions": spec.distributed.nodes,
         "parallelism": spec.distributed.nodes,
-        "backoffLimit": spec.backoff_limit,
+        # backoffLimit counts failed pods; a multi-node attempt that fails ends all its pods.
+        "backoffLimit": spec.backoff_limit * spec.distributed.nodes,
         "podFailurePolicy": {
             "rules": [
                 # Bad config or bad data: retrying cannot help, so fail the whole Job at once
@@ -180,7 +169,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds

@@ -11,9 +11,9 @@ import logging
 
 import kopf
 
-from .api import GROUP, TERMINAL_PHASES, VERSION
+from .api import GROUP, TERMINAL_PHASES, VERSION, FineTuneJob
 from .naming import JOB_LABEL
-from .reconcile import reconcile
+from .reconcile import reconcile, release_node_pool
 from .settings import OperatorSettings
 
 FTJ = (GROUP, VERSION, "finetunejobs")
@@ -27,6 +27,9 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # Only jobs with a Karpenter pool get a finalizer: the pool is cluster-scoped, so the garbage
+    # collector cannot delete it through an ownerReference.
+    settings.persistence.finalizer = f"{GROUP}/node-pool"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -51,3 +54,13 @@ async def trainer_job_changed(labels: dict, namespace: str, type: str | None, **
             when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES)
 async def resync(name: str, namespace: str, **_) -> None:
     await reconcile(namespace, name, operator_settings)
+
+
+def _uses_karpenter(spec: dict, **_) -> bool:
+    provisioner = (spec.get("nodePool") or {}).get("provisioner") or operator_settings.default_provisioner
+    return provisioner == "karpenter"
+
+
+@kopf.on.delete(*FTJ, when=_uses_karpenter)
+async def finetunejob_deleted(body: dict, **_) -> None:
+    await release_node_pool(FineTuneJob.model_validate(body), operator_settings)

@@ -23,6 +23,7 @@ RESOURCES = {
     "FineTuneJob": ("finetune.ai/v1alpha1", "finetunejobs"),
     "Model": ("finetune.ai/v1alpha1", "models"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
+    "NodePool": ("karpenter.sh/v1", "nodepools"),  # cluster-scoped: pass namespace None
 }
 
 
@@ -54,13 +55,18 @@ async def _call(method: str, kind: str, namespace: str | None, path: str = "", *
         raise
 
 
-async def get(kind: str, namespace: str, name: str) -> dict | None:
+async def get(kind: str, namespace: str | None, name: str) -> dict | None:
     return await _call("GET", kind, namespace, name)
 
 
-async def list_(kind: str, namespace: str, selector: dict[str, str]) -> list[dict]:
-    query = ",".join(f"{k}={v}" for k, v in selector.items())
-    found = await _call("GET", kind, namespace, params={"labelSelector": query})
+async def list_(kind: str, namespace: str | None, selector: dict[str, str] | None = None,
+                fields: dict[str, str] | None = None) -> list[dict]:
+    params = {}
+    if selector:
+        params["labelSelector"] = ",".join(f"{k}={v}" for k, v in selector.items())
+    if fields:
+        params["fieldSelector"] = ",".join(f"{k}={v}" for k, v in fields.items())
+    found = await _call("GET", kind, namespace, params=params)
     return (found or {}).get("items", [])
 
 
@@ -73,7 +79,7 @@ async def create(obj: dict) -> tuple[dict, bool]:
     except kr8s.ServerError as exc:
         if _status_code(exc) != 409:
             raise
-    existing = await get(obj["kind"], meta["namespace"], meta["name"])
+    existing = await get(obj["kind"], meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between the two calls: let the caller retry
         raise kr8s.ServerError(f"{obj['kind']} {meta['name']} vanished after a conflict")
     return existing, False
@@ -86,8 +92,10 @@ async def patch_status(kind: str, namespace: str, name: str, status: dict[str, A
     )
 
 
-async def delete(kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
-    await _call("DELETE", kind, namespace, name, content=json.dumps({"propagationPolicy": propagation}))
+async def delete(kind: str, namespace: str | None, name: str, propagation: str = "Background") -> bool:
+    """Delete if present; returns whether there was something to delete."""
+    gone = await _call("DELETE", kind, namespace, name, content=json.dumps({"propagationPolicy": propagation}))
+    return gone is not None
 
 
 async def replace(obj: dict) -> dict | None:

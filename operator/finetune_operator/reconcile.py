@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import kopf
 from pydantic import ValidationError
 
-from . import children, kube, naming, status
+from . import children, kube, naming, provisioning, status
 from .api import TERMINAL_PHASES, FineTuneJob
 from .model import build_model, model_status, same_lineage
 from .settings import OperatorSettings
@@ -33,6 +33,7 @@ def _lock(namespace: str, name: str) -> asyncio.Lock:
 
 @dataclass
 class Children:
+    node_pool: dict | None
     config_map: dict
     job: dict
     service: dict | None
@@ -41,6 +42,7 @@ class Children:
 def build_children(ftj: FineTuneJob, settings: OperatorSettings) -> Children:
     """Every child object, built before any is created, so a bad spec creates nothing."""
     return Children(
+        node_pool=provisioning.build_node_pool(ftj, settings),
         config_map=children.build_config_map(ftj),
         job=children.build_job(ftj, settings),
         service=children.build_service(ftj) if children.needs_service(ftj) else None,
@@ -54,16 +56,29 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
             return
         ftj = FineTuneJob.model_validate(raw)
         if ftj.status.phase in TERMINAL_PHASES:
+            await release_node_pool(ftj, settings)  # idempotent: covers a crash right after the status write
             return
         await _reconcile(raw, ftj, settings)
 
 
-async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, trainer_job: str | None = None) -> None:
+async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> None:
+    """Delete the job's NodePool so Karpenter removes its nodes."""
+    if provisioning.provisioner_of(ftj, settings) != "karpenter":
+        return
+    if await kube.delete("NodePool", None, provisioning.node_pool_name(ftj)):
+        log.info("deleted NodePool %s of %s/%s", provisioning.node_pool_name(ftj), ftj.metadata.namespace, ftj.metadata.name)
+
+
+async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings: OperatorSettings,
+                trainer_job: str | None = None) -> None:
     obs = status.Observation("Failed", reason, message)
-    await _write_status(raw, ftj, obs, trainer_job)
+    await _write_status(raw, ftj, obs, trainer_job, settings)
 
 
-async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, trainer_job: str | None) -> None:
+async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, trainer_job: str | None,
+                        settings: OperatorSettings) -> None:
+    if obs.phase in TERMINAL_PHASES:
+        await release_node_pool(ftj, settings)
     patch = status.status_patch(obs, ftj, trainer_job)
     if ftj.status.phase != obs.phase:
         event_type = "Warning" if obs.phase == "Failed" else "Normal"
@@ -75,8 +90,12 @@ async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, tr
 
 async def _ensure_children(ftj: FineTuneJob, settings: OperatorSettings) -> dict:
     objects = build_children(ftj, settings)
-    # Order matters: the Job's pods mount the ConfigMap and (for several nodes) resolve the
-    # Service name, so both exist before the Job.
+    # Order matters: the pool is there before pods ask for capacity, and the Job's pods mount the
+    # ConfigMap and (for several nodes) resolve the Service name, so those exist before the Job.
+    if objects.node_pool:
+        _, created = await kube.create(objects.node_pool)
+        if created:
+            log.info("created NodePool %s", objects.node_pool["metadata"]["name"])
     await kube.create(objects.config_map)
     if objects.service:
         await kube.create(objects.service)
@@ -93,14 +112,24 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
     if job is None:
         try:
             job = await _ensure_children(ftj, settings)
-        except (UnsupportedSource, ValidationError) as exc:
-            await _fail(raw, ftj, "InvalidSpec", str(exc))
+        except (UnsupportedSource, ValidationError, ValueError) as exc:
+            await _fail(raw, ftj, "InvalidSpec", str(exc), settings)
             return
     if job["metadata"].get("ownerReferences", [{}])[0].get("uid") != ftj.metadata.uid:
-        await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else")
+        await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else", settings)
         return
     pods = await kube.list_("Pod", ns, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]})
-    obs = status.observe(ftj, job, pods)
+    if ftj.spec.distributed.nodes > 1 and not status.job_finished(job):
+        for pod in status.stale_gang_members(pods):
+            log.info("restarting the attempt of %s/%s: deleting pod %s, whose peer failed", ns, ftj.metadata.name, pod)
+            await kube.delete("Pod", ns, pod)
+    prov = None
+    if provisioning.provisioner_of(ftj, settings) == "karpenter":
+        prov = status.Provisioning(await _karpenter_events(ftj, pods), settings.provisioning_timeout_seconds)
+    obs = status.observe(ftj, job, pods, prov)
+    if obs.phase == "Failed" and not status.job_finished(job):
+        # The operator gave up (no capacity): stop the Job so no pod waits forever.
+        await kube.delete("Job", ns, job_name)
     if obs.phase == "Succeeded" and obs.result is not None:
         conflict = await _publish_model(ftj, obs)
         if conflict:
@@ -108,7 +137,19 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
                                      completion_time=obs.completion_time)
         else:
             kopf.event(raw, type="Normal", reason="ModelPublished", message=f"published Model {ftj.model_name}")
-    await _write_status(raw, ftj, obs, job_name)
+    await _write_status(raw, ftj, obs, job_name, settings)
+
+
+async def _karpenter_events(ftj: FineTuneJob, pods: list[dict]) -> tuple[tuple[str, str], ...]:
+    """Karpenter's words about this job: events on its NodePool and on its trainer pods."""
+    pool = provisioning.node_pool_name(ftj)
+    found = await kube.list_("Event", "default", fields={"involvedObject.kind": "NodePool", "involvedObject.name": pool})
+    for pod in pods:
+        found += await kube.list_("Event", ftj.metadata.namespace,
+                                  fields={"involvedObject.kind": "Pod", "involvedObject.name": pod["metadata"]["name"]})
+    found = [e for e in found if (e.get("source", {}).get("component") or e.get("reportingComponent") or "").startswith("karpenter")]
+    found.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return tuple((e.get("reason", ""), e.get("message", "")) for e in found)
 
 
 async def _publish_model(ftj: FineTuneJob, obs: status.Observation) -> str | None:

@@ -23,6 +23,17 @@ class OperatorSettings(BaseSettings):
     identity: str = Field(default="", description="Leader-election identity; the pod name in a cluster.")
     metrics_port: int = 8080
     health_port: int = 8081
+    karpenter_node_class: str = Field(
+        default="",
+        description='Default Karpenter nodeClassRef as JSON, e.g. {"group":"karpenter.k8s.aws","kind":"EC2NodeClass","name":"default"}.',
+    )
+    cpu_pool_requirements: str = Field(
+        default="", description="Extra NodePool requirements (JSON list) for CPU-only jobs, e.g. to pick CPU families."
+    )
+    gpu_pool_requirements: str = Field(default="", description="Extra NodePool requirements (JSON list) for GPU jobs.")
+    provisioning_timeout_seconds: float = Field(
+        default=900, description="Fail a job whose trainer pods are still unscheduled after this long."
+    )
     # How often every live FineTuneJob is reconciled even without events: the safety net that
     # makes missed watch events harmless.
     resync_seconds: float = 30.0

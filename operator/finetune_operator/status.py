@@ -37,6 +37,10 @@ def _job_condition(job: dict, kind: str) -> dict | None:
     return None
 
 
+def job_finished(job: dict) -> bool:
+    return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
+
+
 def _terminated(pod: dict) -> dict | None:
     for status in pod.get("status", {}).get("containerStatuses", []) or []:
         if status.get("name") == "trainer":
@@ -52,6 +56,23 @@ def _by_index(pods: list[dict]) -> list[dict]:
         return int(value) if value.isdigit() else 0
 
     return sorted(pods, key=lambda p: (index(p), p.get("metadata", {}).get("creationTimestamp", "")))
+
+
+def stale_gang_members(pods: list[dict]) -> list[str]:
+    """Pods of a multi-node attempt that must go because a peer of theirs failed.
+
+    torchrun cannot carry on with a member missing, so one failed pod ends the whole attempt: the
+    live pods created before the latest failure are deleted, the Job controller recreates every
+    index, and the new attempt resumes from the latest checkpoint together."""
+    failures = [(_terminated(p) or {}).get("finishedAt") or p["metadata"].get("creationTimestamp", "")
+                for p in pods if p.get("status", {}).get("phase") == "Failed"]
+    if not failures:
+        return []
+    latest_failure = max(failures)
+    return [p["metadata"]["name"] for p in pods
+            if p.get("status", {}).get("phase") in ("Pending", "Running")
+            and not p["metadata"].get("deletionTimestamp")
+            and p["metadata"].get("creationTimestamp", "") <= latest_failure]
 
 
 def describe_pod_failure(pods: list[dict]) -> str:
@@ -80,8 +101,53 @@ def _pending_message(pods: list[dict]) -> str:
     return "waiting for the trainer pods to start"
 
 
-def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> Observation:
-    """What the trainer Job and its pods say about the FineTuneJob."""
+@dataclass(frozen=True)
+class Provisioning:
+    """What the operator knows about node provisioning for the job (karpenter only)."""
+
+    events: tuple[tuple[str, str], ...] = ()  # (reason, message) from Karpenter, newest last
+    timeout_seconds: float = 900
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _provisioning(ftj: FineTuneJob, job: dict, pods: list[dict], info: Provisioning, now: datetime) -> Observation:
+    """Trainer pods wait for Karpenter: say what is happening, or fail when it cannot happen."""
+    start_time = job.get("status", {}).get("startTime")
+    for reason, message in reversed(info.events):
+        if reason == "NoCompatibleInstanceTypes" or "no instance type satisf" in message:
+            return Observation("Failed", "NoInstanceType",
+                               f"no instance type satisfies the request ({_request_summary(ftj)}): {message}",
+                               start_time=start_time, completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    waited = (now - (_parse_time(job["metadata"].get("creationTimestamp")) or now)).total_seconds()
+    if waited > info.timeout_seconds:
+        last = info.events[-1][1] if info.events else _pending_message(pods)
+        return Observation("Failed", "ProvisioningTimeout",
+                           f"trainer pods not scheduled after {int(waited)}s: {last}",
+                           start_time=start_time, completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    for reason, message in reversed(info.events):
+        if "exceed limits" in message:
+            return Observation("Provisioning", "NodePoolLimitReached", message, start_time=start_time)
+    latest = info.events[-1][1] if info.events else _pending_message(pods)
+    return Observation("Provisioning", "WaitingForCapacity", latest, start_time=start_time)
+
+
+def _request_summary(ftj: FineTuneJob) -> str:
+    res = ftj.spec.resources
+    parts = [f"{ftj.spec.distributed.nodes} node(s)", f"cpu {res.cpu}", f"memory {res.memory}"]
+    if res.accelerator != "none":
+        parts.append(f"{res.accelerators_per_node} {res.accelerator}")
+    if res.instance_type:
+        parts.append(f"instance type {res.instance_type}")
+    return ", ".join(parts)
+
+
+def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: Provisioning | None = None,
+            now: datetime | None = None) -> Observation:
+    """What the trainer Job and its pods (and, for Karpenter pools, its events) say about the job."""
+    now = now or datetime.now(timezone.utc)
     if job is None:
         return Observation("Pending", "Creating", "creating the trainer Job")
     status = job.get("status", {})
@@ -123,6 +189,9 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict]) -> Observation
         if retries:
             message += f" after {retries} failed attempt(s)"
         return Observation("Running", "TrainerRunning", message, running=True, start_time=start_time)
+    unscheduled = not pods or any(not p.get("spec", {}).get("nodeName") for p in pods)
+    if provisioning is not None and unscheduled:
+        return _provisioning(ftj, job, pods, provisioning, now)
     return Observation("Pending", "WaitingForPods", _pending_message(pods), start_time=start_time)
 
 
