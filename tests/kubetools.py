@@ -93,6 +93,7 @@ class OperatorProcess:
                  env: dict[str, str] | None = None) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.identity = kubeconfig, namespace, log_path, identity
         self.extra_env = env or {}
+        self.progress_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -106,6 +107,9 @@ class OperatorProcess:
             "FINETUNE_METRICS_PORT": str(free_port()),
             "FINETUNE_HEALTH_PORT": str(free_port()),
             "FINETUNE_RESYNC_SECONDS": "3",
+            "FINETUNE_PROGRESS_PORT": str(self.progress_port),
+            "FINETUNE_PROGRESS_URL": f"http://127.0.0.1:{self.progress_port}",
+            "FINETUNE_PROGRESS_INTERVAL_SECONDS": "2",
             "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
             **self.extra_env,
         }

@@ -24,6 +24,7 @@ RESOURCES = {
     "Model": ("finetune.ai/v1alpha1", "models"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
     "NodePool": ("karpenter.sh/v1", "nodepools"),  # cluster-scoped: pass namespace None
+    "TokenReview": ("authentication.k8s.io/v1", "tokenreviews"),
 }
 
 
@@ -83,6 +84,11 @@ async def create(obj: dict) -> tuple[dict, bool]:
     if existing is None:  # deleted between the two calls: let the caller retry
         raise kr8s.ServerError(f"{obj['kind']} {meta['name']} vanished after a conflict")
     return existing, False
+
+
+async def post(kind: str, namespace: str | None, obj: dict) -> dict | None:
+    """A plain POST, for virtual resources such as TokenReview."""
+    return await _call("POST", kind, namespace, content=json.dumps(obj))
 
 
 async def patch_status(kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict | None:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import handlers  # noqa: F401  (registers the handlers)
 from .leader import LeaseElector
+from .progress import ProgressBuffer, make_app
 from .settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator")
@@ -52,11 +53,20 @@ async def run(settings: OperatorSettings) -> int:
 
     health = await serve_health(settings.health_port)
     prometheus_client.start_http_server(settings.metrics_port)
+    # Every replica accepts verified progress reports and writes them: that is not a
+    # reconciliation decision, so it needs no leadership, and trainers never hit a standby in vain.
+    buffer = ProgressBuffer(interval=settings.progress_interval_seconds)
+    progress_runner = web.AppRunner(make_app(buffer))
+    await progress_runner.setup()
+    await web.TCPSite(progress_runner, "0.0.0.0", settings.progress_port).start()
+    flusher = asyncio.create_task(buffer.flush_forever(stop))
     acquiring = asyncio.create_task(elector.acquire())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         acquiring.cancel()
+        await flusher
+        await progress_runner.cleanup()
         await health.cleanup()
         return 0
     stopping.cancel()
@@ -75,6 +85,8 @@ async def run(settings: OperatorSettings) -> int:
         await keeper
         if not elector.lost.is_set():
             await elector.release()
+        await flusher
+        await progress_runner.cleanup()
         await health.cleanup()
     return 1 if elector.lost.is_set() else 0
 

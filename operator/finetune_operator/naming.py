@@ -9,9 +9,13 @@ JOB_LABEL = "finetune.ai/job"  # value: the FineTuneJob's name; selects every ch
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
+def trainer_job_name(job_name: str) -> str:
+    """The batch Job and its headless Service share this name."""
+    return f"{job_name}-trainer"
+
+
 def trainer_name(job: FineTuneJob) -> str:
-    """The batch Job, its ConfigMap and its headless Service share this name."""
-    return f"{job.metadata.name}-trainer"
+    return trainer_job_name(job.metadata.name)
 
 
 def config_map_name(job: FineTuneJob) -> str:

@@ -23,6 +23,13 @@ class OperatorSettings(BaseSettings):
     identity: str = Field(default="", description="Leader-election identity; the pod name in a cluster.")
     metrics_port: int = 8080
     health_port: int = 8081
+    progress_port: int = 8082
+    progress_url: str = Field(
+        default="",
+        description="URL of this operator's progress endpoint as trainer pods reach it, e.g. "
+        "http://finetune-operator.finetune-system.svc:8082; empty disables live progress.",
+    )
+    progress_interval_seconds: float = Field(default=5.0, description="Shortest gap between two progress writes per job.")
     karpenter_node_class: str = Field(
         default="",
         description='Default Karpenter nodeClassRef as JSON, e.g. {"group":"karpenter.k8s.aws","kind":"EC2NodeClass","name":"default"}.',
