@@ -60,7 +60,10 @@ def setup() -> Distributed:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        if torch.cuda.is_available():
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -60,7 +60,12 @@ def save_weights(model: torch.nn.Module, tokenizer, full: bool, staging: Path, i
     # For a PEFT model save_pretrained keeps only the adapter keys of `state` and writes
     # adapter_model.safetensors + adapter_config.json; for full fine-tuning it writes the whole
     # model (model.safetensors + config.json + generation_config.json).
-    model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    if full:
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+    else:
+        # Embeddings are never trained here (all-linear leaves them out), so PEFT need not
+        # look up the base model's config to decide whether to save them.
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_embedding_layers=False)
     tokenizer.save_pretrained(staging)
 
 

@@ -215,6 +215,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         return result or {}
     finally:
         reporter.close()
+        distributed.teardown()
 
 
 def clear_stale_results(output_dir: Path) -> None:
