@@ -113,3 +113,37 @@ def test_changed_config_refuses_foreign_checkpoints(reference):
     result = run_trainer(write_config(tmp_path, config, "foreign.json"))
     assert result.returncode == 2
     assert "holds checkpoints of a different job config" in result.stderr
+
+
+def test_sigterm_under_torchrun_with_zero3(tmp_path, chat_dataset):
+    """torchrun forwards SIGTERM to every worker; they agree on one step, save one checkpoint
+    together and stop. torchrun itself exits 1, so the termination message carries 143."""
+    from trainer_helpers import TORCHRUN, free_port, trainer_env
+    import subprocess
+
+    config = make_config(tmp_path, chat_dataset, **{
+        "training.maxSteps": 30, "training.microBatchSize": 1, "distributed.zeroStage": 3,
+        "checkpointing.everySteps": 100, "reporting.terminationMessagePath": str(tmp_path / "termination-log"),
+    })
+    path = write_config(tmp_path, config)
+
+    def torchrun():
+        return [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                str(free_port()), "--module", "finetune_trainer.cli", "--config", str(path)]
+
+    process = subprocess.Popen(torchrun(), env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_progress(tmp_path / "progress.jsonl", process, min_step=3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert output.count("stopped by SIGTERM at step") == 2, output[-3000:]  # both workers
+    termination = json.loads((tmp_path / "termination-log").read_text())
+    assert termination["exitCode"] == 143
+    stopped_at = [r for r in read_progress(tmp_path / "progress.jsonl") if r["event"] == "preempted"][0]["step"]
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == [f"step-{stopped_at:08d}"]
+
+    result = subprocess.run(torchrun(), env=trainer_env(), capture_output=True, text=True, timeout=240)
+    assert_ok(result)
+    started = [r["step"] for r in read_progress(tmp_path / "progress.jsonl") if r["event"] == "started"]
+    assert started == [0, stopped_at]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["metrics"]["steps"] == 30
