@@ -129,38 +129,38 @@ def test_packing_respects_max_length(tokenizer):
     assert len(pack_rows(sequences, 256, packing=False, seed=0)) == len(sequences)
 
 
-def test_packed_batch_gives_the_same_loss_as_separate_sequences(tokenizer):
+@pytest.mark.parametrize("flatten", [True, False], ids=["flattened", "rows"])
+def test_packed_batch_gives_the_same_results_as_separate_sequences(tokenizer, flatten):
     """Packing must be exact: no attention across sequence boundaries, no cross-boundary targets."""
     from finetune_trainer.adapters import prepare_for_training
     from finetune_trainer.config import MethodConfig
 
     model, _ = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
-    # As in training: this also turns the KV cache off, without which transformers ignores
-    # packed position_ids when building the mask.
     model = prepare_for_training(model, MethodConfig(type="full"), gradient_checkpointing=False)
     model.eval()
-    sequences = tokenize_all(arithmetic_chat(4), "chat", tokenizer, 128)
-    packed = Collator(tokenizer, packing=True)([sequences], torch.device("cpu"))
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
-    starts = (packed["position_ids"][0] == 0).nonzero().flatten().tolist()
-    assert starts == [0] + list(torch.tensor([len(s.input_ids) for s in sequences]).cumsum(0)[:-1].tolist())
+    cpu = torch.device("cpu")
+    sequences = tokenize_all(arithmetic_chat(5, seed=3), "chat", tokenizer, 128)
+    rows = [sequences[:3], sequences[3:]]  # unequal rows: the second one gets tail padding
+    packed = Collator(tokenizer, packing=True, flatten=flatten)(rows, cpu)
+    assert packed["input_ids"].shape[0] == (1 if flatten else 2) and "attention_mask" not in packed
 
-    padded = Collator(tokenizer, packing=False)([[s] for s in sequences], torch.device("cpu"))
-    assert padded["input_ids"].shape[0] == 4
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
-        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        packed_loss = model(**packed).loss
-        separate = [model(**Collator(tokenizer, False)([[s]], torch.device("cpu"))) for s in sequences]
-    offset = 0
-    for i, sequence in enumerate(sequences):
-        n = len(sequence.input_ids)
-        torch.testing.assert_close(packed_logits[offset : offset + n], padded_logits[i, :n], atol=1e-4, rtol=1e-4)
-        offset += n
-    # Token-weighted mean of the separate losses equals the packed loss.
+        packed_out = model(**packed)
+        alone = [model(**Collator(tokenizer, packing=False, flatten=False)([[s]], cpu)) for s in sequences]
+
+    # Each sequence's logits inside the packed batch equal its logits when run alone.
+    starts = []
+    for r, row in enumerate(rows):
+        offset = 0 if not flatten or r == 0 else sum(len(s.input_ids) for s in rows[0])
+        for sequence in row:
+            starts.append((0 if flatten else r, offset, len(sequence.input_ids)))
+            offset += len(sequence.input_ids)
+    for (row_index, offset, n), out in zip(starts, alone):
+        torch.testing.assert_close(packed_out.logits[row_index, offset : offset + n], out.logits[0], atol=1e-4, rtol=1e-4)
+    # The packed loss is the token-weighted mean of the separate losses.
     weights = [s.trained_tokens for s in sequences]
-    expected = sum(w * out.loss for w, out in zip(weights, separate)) / sum(weights)
-    torch.testing.assert_close(packed_loss, expected, atol=1e-5, rtol=1e-5)
+    expected = sum(w * out.loss for w, out in zip(weights, alone)) / sum(weights)
+    torch.testing.assert_close(packed_out.loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_step_plan_splits_each_step_across_processes():

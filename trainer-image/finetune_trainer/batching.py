@@ -74,36 +74,60 @@ class StepPlan:
 class Collator:
     """Rows -> model inputs.
 
-    packing=True: padding-free. All sequences of the micro-batch are concatenated into one
-    row of shape [1, tokens] with position_ids restarting at 0 for each sequence
-    (transformers' DataCollatorWithFlattening). FlashAttention-2 turns those position_ids into
-    varlen kernels; SDPA/eager get a block-diagonal causal mask built from them. Either way no
-    token attends across sequence boundaries, and no pad token is computed.
+    packing, flatten=True (FlashAttention-2): padding-free. All sequences of the micro-batch
+    are concatenated into one row of shape [1, tokens] with position_ids restarting at 0 for
+    each sequence (transformers' DataCollatorWithFlattening), which FlashAttention-2 runs as
+    varlen kernels: no pad token is computed and no token attends across sequences.
 
-    packing=False: one sequence per row, right-padded with an attention mask.
+    packing, flatten=False (SDPA/eager, e.g. CPU): rows stay rows, [micro, longest row], each
+    holding several sequences with position_ids restarting at 0 for each; the row's tail
+    padding is one more "sequence" with label -100. From the restarting position_ids
+    transformers builds a block-diagonal causal mask, so sequences never attend to each other.
+    Keeping rows apart (rather than flattening) keeps SDPA's attention cost per row, since
+    SDPA computes the masked-out blocks too.
+
+    packing=False: one sequence per row, right-padded, with an attention mask.
     """
 
-    def __init__(self, tokenizer, packing: bool):
+    def __init__(self, tokenizer, packing: bool, flatten: bool):
         self.packing = packing
-        if packing:
+        self.flatten = flatten
+        self.pad_token_id = tokenizer.pad_token_id
+        if packing and flatten:
             self._collate = DataCollatorWithFlattening(
                 return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt"
             )
-        else:
+        elif not packing:
             self._collate = DataCollatorForSeq2Seq(
                 tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
             )
 
     def __call__(self, rows: list[Row], device: torch.device) -> dict[str, torch.Tensor]:
-        features = [
-            {"input_ids": s.input_ids, "labels": s.labels} for row in rows for s in row
-        ]
-        batch = self._collate(features)
+        if self.packing and not self.flatten:
+            batch = self._packed_rows(rows)
+        else:
+            features = [{"input_ids": s.input_ids, "labels": s.labels} for row in rows for s in row]
+            batch = self._collate(features)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
         # With a KV cache present transformers ignores packed position_ids when building the
         # attention mask, so sequences would attend to each other. Training never needs the cache.
         inputs["use_cache"] = False
         return inputs
+
+    def _packed_rows(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        width = max(sum(len(s.input_ids) for s in row) for row in rows)
+        input_ids, labels, position_ids = [], [], []
+        for row in rows:
+            ids = [t for s in row for t in s.input_ids]
+            padding = width - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * padding)
+            labels.append([t for s in row for t in s.labels] + [IGNORE_INDEX] * padding)
+            position_ids.append([i for s in row for i in range(len(s.input_ids))] + list(range(padding)))
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(position_ids),
+        }
 
 
 def count_tokens(rows: list[Row]) -> int:

@@ -129,7 +129,8 @@ def run(config: JobConfig) -> dict[str, Any]:
             "initialEvalLoss": None,
             "recentLosses": [],
         }
-        collate = batching.Collator(tokenizer, training.packing)
+        flatten = model_loading.attention_implementation(dist.device) == "flash_attention_2"
+        collate = batching.Collator(tokenizer, training.packing, flatten=flatten)
 
         def evaluate() -> float | None:
             if not validation_rows:
