@@ -94,6 +94,7 @@ class OperatorProcess:
         self.kubeconfig, self.namespace, self.log_path, self.identity = kubeconfig, namespace, log_path, identity
         self.extra_env = env or {}
         self.progress_port = free_port()
+        self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -104,7 +105,7 @@ class OperatorProcess:
             "FINETUNE_NAMESPACES": self.namespace,
             "FINETUNE_LEASE_NAMESPACE": self.namespace,
             "FINETUNE_IDENTITY": f"{self.identity}-{self.starts}",
-            "FINETUNE_METRICS_PORT": str(free_port()),
+            "FINETUNE_METRICS_PORT": str(self.metrics_port),
             "FINETUNE_HEALTH_PORT": str(free_port()),
             "FINETUNE_RESYNC_SECONDS": "3",
             "FINETUNE_PROGRESS_PORT": str(self.progress_port),

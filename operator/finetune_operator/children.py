@@ -155,6 +155,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
     if needs_service(job):
         pod_spec["subdomain"] = name
     job_spec = {
+        "suspend": spec.suspend,
         "completionMode": "Indexed",
         "completions": spec.distributed.nodes,
         "parallelism": spec.distributed.nodes,

@@ -56,6 +56,12 @@ async def resync(name: str, namespace: str, **_) -> None:
     await reconcile(namespace, name, operator_settings)
 
 
+@kopf.timer(*FTJ, interval=5, when=lambda spec, status, **_: status.get("phase") in TERMINAL_PHASES
+            and spec.get("ttlSecondsAfterFinished") is not None)
+async def expire_finished(name: str, namespace: str, **_) -> None:
+    await reconcile(namespace, name, operator_settings)
+
+
 def _uses_karpenter(spec: dict, **_) -> bool:
     provisioner = (spec.get("nodePool") or {}).get("provisioner") or operator_settings.default_provisioner
     return provisioner == "karpenter"

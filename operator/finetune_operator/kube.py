@@ -91,6 +91,18 @@ async def post(kind: str, namespace: str | None, obj: dict) -> dict | None:
     return await _call("POST", kind, namespace, content=json.dumps(obj))
 
 
+async def patch(kind: str, namespace: str | None, name: str, body: dict[str, Any]) -> dict | None:
+    return await _call("PATCH", kind, namespace, name, content=json.dumps(body),
+                       headers={"Content-Type": "application/merge-patch+json"})
+
+
+async def ensure(obj: dict) -> tuple[dict, bool]:
+    """Like create, but reads first: cheap to call on every resync for objects that usually exist."""
+    meta = obj["metadata"]
+    existing = await get(obj["kind"], meta.get("namespace"), meta["name"])
+    return (existing, False) if existing is not None else await create(obj)
+
+
 async def patch_status(kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict | None:
     return await _call(
         "PATCH", kind, namespace, f"{name}/status",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import kopf
 from pydantic import ValidationError
 
-from . import children, kube, naming, provisioning, status
+from . import children, failures, kube, metrics, naming, provisioning, status
 from .api import TERMINAL_PHASES, FineTuneJob
 from .model import build_model, model_status, same_lineage
 from .settings import OperatorSettings
@@ -50,15 +52,42 @@ def build_children(ftj: FineTuneJob, settings: OperatorSettings) -> Children:
 
 
 async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
-    async with _lock(namespace, name):
-        raw = await kube.get("FineTuneJob", namespace, name)
-        if raw is None or raw["metadata"].get("deletionTimestamp"):
-            return
-        ftj = FineTuneJob.model_validate(raw)
-        if ftj.status.phase in TERMINAL_PHASES:
-            await release_node_pool(ftj, settings)  # idempotent: covers a crash right after the status write
-            return
-        await _reconcile(raw, ftj, settings)
+    started = time.monotonic()
+    try:
+        async with _lock(namespace, name):
+            raw = await kube.get("FineTuneJob", namespace, name)
+            if raw is None or raw["metadata"].get("deletionTimestamp"):
+                metrics.record_phase(namespace, name, None)
+                return
+            ftj = FineTuneJob.model_validate(raw)
+            metrics.record_phase(namespace, name, ftj.status.phase)
+            if ftj.status.phase in TERMINAL_PHASES:
+                await release_node_pool(ftj, settings)  # idempotent: covers a crash right after the status write
+                await _expire(ftj)
+                return
+            await _reconcile(raw, ftj, settings)
+    except Exception:
+        metrics.RECONCILE_ERRORS.inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+def _seconds_since(timestamp: str | None, now: datetime) -> float | None:
+    if not timestamp:
+        return None
+    return (now - datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
+
+
+async def _expire(ftj: FineTuneJob) -> None:
+    """ttlSecondsAfterFinished: delete a finished job (and, through ownerReferences, its children)."""
+    ttl = ftj.spec.ttl_seconds_after_finished
+    finished = ftj.status.completion_time
+    if ttl is None or finished is None:
+        return
+    if (datetime.now(timezone.utc) - finished).total_seconds() >= ttl:
+        log.info("deleting %s/%s: finished more than %ss ago", ftj.metadata.namespace, ftj.metadata.name, ttl)
+        await kube.delete("FineTuneJob", ftj.metadata.namespace, ftj.metadata.name)
 
 
 async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> None:
@@ -81,11 +110,57 @@ async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, tr
         await release_node_pool(ftj, settings)
     patch = status.status_patch(obs, ftj, trainer_job)
     if ftj.status.phase != obs.phase:
+        _observe_transition(raw, ftj, obs)
         event_type = "Warning" if obs.phase == "Failed" else "Normal"
         kopf.event(raw, type=event_type, reason=obs.reason, message=f"{obs.phase}: {obs.message}")
         log.info("FineTuneJob %s/%s: %s -> %s (%s)", ftj.metadata.namespace, ftj.metadata.name,
                  ftj.status.phase, obs.phase, obs.reason)
     await kube.patch_status("FineTuneJob", ftj.metadata.namespace, ftj.metadata.name, patch)
+
+
+def _observe_transition(raw: dict, ftj: FineTuneJob, obs: status.Observation) -> None:
+    now = datetime.now(timezone.utc)
+    age = _seconds_since(raw["metadata"].get("creationTimestamp"), now)
+    metrics.record_phase(ftj.metadata.namespace, ftj.metadata.name, obs.phase)
+    if age is None:
+        return
+    if obs.phase == "Running" and ftj.status.start_time is None:
+        metrics.START_SECONDS.observe(age)
+    if obs.phase == "Running" and ftj.status.phase == "Provisioning":
+        metrics.PROVISIONING_SECONDS.observe(age)
+    if obs.phase in TERMINAL_PHASES:
+        metrics.JOB_SECONDS.labels(outcome=obs.phase).observe(age)
+
+
+_counted_failures: set[str] = set()
+
+
+def _count_retries(pods: list[dict]) -> None:
+    for pod in pods:
+        uid = pod["metadata"].get("uid", "")
+        if pod.get("status", {}).get("phase") == "Failed" and uid not in _counted_failures:
+            _counted_failures.add(uid)
+            metrics.RETRIES.labels(reason=failures.classify(pod).reason).inc()
+
+
+async def _sync_job(ftj: FineTuneJob, job: dict, node_pool: dict | None, settings: OperatorSettings) -> None:
+    """Carry the mutable lifecycle fields over to a running trainer Job."""
+    spec = job.get("spec", {})
+    patch: dict = {}
+    if bool(spec.get("suspend")) != ftj.spec.suspend:
+        # Suspending makes the Job controller delete the pods: SIGTERM, and the trainer saves a
+        # checkpoint within its grace period. Resuming recreates them; they resume from it.
+        patch["suspend"] = ftj.spec.suspend
+    if spec.get("activeDeadlineSeconds") != ftj.spec.active_deadline_seconds:
+        patch["activeDeadlineSeconds"] = ftj.spec.active_deadline_seconds
+    if patch:
+        log.info("updating trainer Job of %s/%s: %s", ftj.metadata.namespace, ftj.metadata.name, patch)
+        await kube.patch("Job", ftj.metadata.namespace, job["metadata"]["name"], {"spec": patch})
+        job["spec"].update(patch)
+    if ftj.spec.suspend:
+        await release_node_pool(ftj, settings)
+    elif node_pool is not None:
+        await kube.ensure(node_pool)  # recreated on resume
 
 
 async def _ensure_children(ftj: FineTuneJob, settings: OperatorSettings) -> dict:
@@ -118,7 +193,10 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
     if job["metadata"].get("ownerReferences", [{}])[0].get("uid") != ftj.metadata.uid:
         await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else", settings)
         return
+    if not status.job_finished(job):
+        await _sync_job(ftj, job, provisioning.build_node_pool(ftj, settings), settings)
     pods = await kube.list_("Pod", ns, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]})
+    _count_retries(pods)
     if ftj.spec.distributed.nodes > 1 and not status.job_finished(job):
         for pod in status.stale_gang_members(pods):
             log.info("restarting the attempt of %s/%s: deleting pod %s, whose peer failed", ns, ftj.metadata.name, pod)

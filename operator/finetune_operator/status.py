@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from . import failures
 from .api import Condition, FineTuneJob, Phase
 from .result import InvalidResult, TrainerResult, parse_result
 
@@ -73,24 +74,6 @@ def stale_gang_members(pods: list[dict]) -> list[str]:
             if p.get("status", {}).get("phase") in ("Pending", "Running")
             and not p["metadata"].get("deletionTimestamp")
             and p["metadata"].get("creationTimestamp", "") <= latest_failure]
-
-
-def describe_pod_failure(pods: list[dict]) -> str:
-    """The most telling failure among the pods: the latest terminated trainer container."""
-    failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
-    failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or "", reverse=True)
-    for pod in failed:
-        term = _terminated(pod)
-        name = pod["metadata"]["name"]
-        if term:
-            detail = f"pod {name}: container exited with code {term.get('exitCode')} ({term.get('reason', 'Error')})"
-            if term.get("message"):
-                detail += f": {term['message'].strip()[:2000]}"
-            return detail
-        status = pod.get("status", {})
-        if status.get("reason") or status.get("message"):
-            return f"pod {name}: {status.get('reason', '')} {status.get('message', '')}".strip()
-    return ""
 
 
 def _pending_message(pods: list[dict]) -> str:
@@ -174,13 +157,21 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
 
     failed = _job_condition(job, "Failed")
     if failed:
-        reason = failed.get("reason") or "TrainerFailed"
-        message = failed.get("message") or "the trainer Job failed"
-        detail = describe_pod_failure(pods)
-        if detail:
-            message = f"{message}; {detail}"
-        return Observation("Failed", reason, message, start_time=start_time,
+        failure = failures.job_failure(failed, pods)
+        return Observation("Failed", failure.reason, failure.message, start_time=start_time,
                            completion_time=failed.get("lastTransitionTime"))
+    fatal = failures.fatal_problem(pods, now)
+    if fatal:
+        return Observation("Failed", fatal.reason, fatal.message, start_time=start_time,
+                           completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    if ftj.spec.suspend:
+        live = [p for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
+        if job.get("spec", {}).get("suspend") and not live:
+            return Observation("Suspended", "Suspended", "suspended; set spec.suspend to false to resume from the latest checkpoint",
+                               start_time=start_time)
+        return Observation("Suspended", "Suspending", "stopping the trainer after it saves a checkpoint",
+                           start_time=start_time)
 
     running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
     if running and len(running) >= ftj.spec.distributed.nodes:

@@ -115,14 +115,24 @@ def test_success_publishes_a_model_with_the_reported_digest(kubectl, operator):
 def test_failed_pod_fails_the_job_with_its_reason(kubectl, operator):
     kubectl.create(job_manifest(backoffLimit=0))
     pod = running_pod(kubectl)
-    finish_pod(kubectl, pod, 137, "CUDA out of memory. Tried to allocate 2.00 GiB", reason="OOMKilled")
+    finish_pod(kubectl, pod, 1, "RuntimeError: NCCL communicator was aborted")
     ftj = wait_phase(kubectl, "Failed")
     failed = condition(ftj, "Failed")
     assert failed["status"] == "True"
     assert failed["reason"] == "BackoffLimitExceeded"
-    assert "exited with code 137 (OOMKilled)" in failed["message"]
-    assert "CUDA out of memory" in failed["message"]
+    assert "last failure: TrainerError: pod demo-trainer-0-" in failed["message"]
+    assert "exit code 1 (Error): RuntimeError: NCCL communicator was aborted" in failed["message"]
     assert kubectl.get("model", "demo") is None
+
+
+def test_out_of_memory_fails_at_once_with_advice(kubectl, operator):
+    kubectl.create(job_manifest(backoffLimit=5))
+    finish_pod(kubectl, running_pod(kubectl), 137, "CUDA out of memory. Tried to allocate 2.00 GiB", reason="OOMKilled")
+    ftj = wait_phase(kubectl, "Failed")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "OutOfMemory"
+    assert "CUDA out of memory" in failed["message"] and "Lower training.microBatchSize" in failed["message"]
+    wait_for(lambda: kubectl.get("job", "demo-trainer") is None, 30, what="the trainer Job to be deleted, not retried")
 
 
 def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
@@ -131,8 +141,8 @@ def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
     finish_pod(kubectl, pod, 2, "dataset /mnt/pvc/data/train.jsonl line 7: not valid JSON")
     ftj = wait_phase(kubectl, "Failed")
     failed = condition(ftj, "Failed")
-    assert failed["reason"] == "PodFailurePolicy"
-    assert "line 7: not valid JSON" in failed["message"]
+    assert failed["reason"] == "InvalidInput"
+    assert "bad configuration or data" in failed["message"] and "line 7: not valid JSON" in failed["message"]
     assert len(kubectl.items("pods", "finetune.ai/job=demo")) == 1  # no retry
 
 

@@ -34,7 +34,8 @@ class ProcessNode:
         env = {**os.environ, "PYTHONPATH": str(HACK)}
         cmd = [sys.executable, "-m", "process_node", "--kubeconfig", self.kubeconfig, "--node-name", self.name,
                "--state-dir", str(self.state_dir), "--volume", f"data={self.data_dir}",
-               "--log-file", str(self.log_path), "--heartbeat-seconds", "2", "--shutdown-grace-seconds", "2"]
+               "--log-file", str(self.log_path), "--heartbeat-seconds", "2", "--shutdown-grace-seconds", "2",
+               "--restart-backoff-seconds", "1"]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True)
         wait_for(self._ready, 30, what=f"node {self.name} Ready")

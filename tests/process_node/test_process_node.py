@@ -38,16 +38,18 @@ def terminated(kubectl: Kubectl, name: str, timeout: float = 30) -> dict:
 
 
 def pvc_bound_to_host_dir(kubectl: Kubectl, namespace: str, claim: str, directory: Path) -> None:
-    """A PVC the scheduler treats as bound (no PV controller runs in the local cluster)."""
+    """A PVC bound to a hostPath PV by the PV controller. (Pre-binding it with the
+    bind-completed annotation races the controller's informer: a claim it sees before its PV
+    is marked Lost for good.)"""
     pv = f"{namespace}-{claim}"
     kubectl.create({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
                     "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
                              "hostPath": {"path": str(directory)}, "storageClassName": "",
                              "claimRef": {"namespace": namespace, "name": claim}}})
-    kubectl.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+    kubectl.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
                              "storageClassName": "", "volumeName": pv}})
+    wait_for(lambda: kubectl.get("pvc", claim)["status"].get("phase") == "Bound", 60, what=f"claim {claim} to bind")
 
 
 def test_node_registers_with_lease_and_goes_away(process_node, kubectl: Kubectl) -> None:
@@ -214,3 +216,53 @@ def test_restarted_node_reports_lost_containers(process_node, kubectl: Kubectl) 
     state = status["containerStatuses"][0]["state"]["terminated"]
     assert (state["exitCode"], state["reason"]) == (137, "ContainerStatusUnknown")
     kubectl("delete", "pod", "lost", "--timeout=20s")
+
+
+IN_CLUSTER = """
+    import json, os, ssl, urllib.request
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    token = open(f"{sa}/token").read()
+    ctx = ssl.create_default_context(cafile=f"{sa}/ca.crt")
+    url = f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}"
+    body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}).encode()
+    req = urllib.request.Request(url + "/apis/authentication.k8s.io/v1/selfsubjectreviews", data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    user = json.load(urllib.request.urlopen(req, context=ctx))["status"]["userInfo"]
+    open("/dev/termination-log", "w").write(json.dumps({"user": user["username"],
+                                                        "namespace": open(f"{sa}/namespace").read()}))
+"""
+
+
+def test_service_account_token_authenticates_in_cluster(process_node, kubectl: Kubectl, namespace: str) -> None:
+    """The projected kube-api-access volume (TokenRequest token, kube-root-ca.crt, namespace) and
+    the KUBERNETES_SERVICE_* env let an in-cluster client reach the API server as the pod's
+    ServiceAccount."""
+    kubectl.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot"}})
+    wait_for(lambda: kubectl.get("configmap", "kube-root-ca.crt"), 30, what="kube-root-ca.crt")
+    manifest = pod("whoami", process_node.name, IN_CLUSTER)
+    manifest["spec"] |= {"automountServiceAccountToken": True, "serviceAccountName": "robot"}
+    kubectl.create(manifest)
+    status = terminated(kubectl, "whoami")["status"]
+    state = status["containerStatuses"][0]["state"]["terminated"]
+    assert status["phase"] == "Succeeded", state
+    assert json.loads(state["message"]) == {"user": f"system:serviceaccount:{namespace}:robot", "namespace": namespace}
+    assert not any(Path(p).exists() for p in ("/var/run/secrets/kubernetes.io",))
+
+
+def test_restart_policy_restarts_the_container(process_node, kubectl: Kubectl) -> None:
+    """restartPolicy OnFailure (Always likewise, as a Deployment's pods have): an exited container
+    is run again in the same pod, with restartCount and lastState, after a back-off."""
+    script = """
+        import pathlib, sys
+        marker = pathlib.Path("/tmp/ran-before")
+        if not marker.exists():
+            marker.write_text("yes")
+            sys.exit(3)
+    """
+    manifest = pod("flaky", process_node.name, script, volumeMounts=[{"name": "scratch", "mountPath": "/tmp"}])
+    manifest["spec"] |= {"restartPolicy": "OnFailure", "volumes": [{"name": "scratch", "emptyDir": {}}]}
+    kubectl.create(manifest)
+    status = terminated(kubectl, "flaky", timeout=60)["status"]
+    cs = status["containerStatuses"][0]
+    assert status["phase"] == "Succeeded" and cs["restartCount"] == 1, status
+    assert cs["state"]["terminated"]["exitCode"] == 0

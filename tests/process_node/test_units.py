@@ -57,7 +57,7 @@ def test_volumes_items_modes_and_claims(tmp_path: Path) -> None:
              {"name": "sec", "secret": {"secretName": "s"}},
              {"name": "scratch", "emptyDir": {}},
              {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
-             {"name": "token", "projected": {"sources": []}}]
+             {"name": "empty", "projected": {"sources": []}}]
     paths = asyncio.run(volumes.materialise(specs, tmp_path / "v", fetch, claim_dir))
     assert (paths["cfg"] / "sub/one.txt").read_text() == "1" and not (paths["cfg"] / "b").exists()
     assert sorted(p.name for p in paths["all"].iterdir()) == ["a", "b", "bin"]
@@ -65,7 +65,7 @@ def test_volumes_items_modes_and_claims(tmp_path: Path) -> None:
     assert (paths["sec"] / "token").read_bytes() == b"t0k"
     assert stat.S_IMODE((paths["sec"] / "token").stat().st_mode) == 0o400
     assert paths["scratch"].is_dir() and paths["data"] == tmp_path / "claims" / "data" and paths["data"].is_dir()
-    assert "token" not in paths
+    assert paths["empty"].is_dir() and not any(paths["empty"].iterdir())
     with pytest.raises(volumes.VolumeError):
         asyncio.run(volumes.materialise([{"name": "x", "configMap": {"name": "nope"}}], tmp_path / "v", fetch, claim_dir))
 
@@ -73,7 +73,7 @@ def test_volumes_items_modes_and_claims(tmp_path: Path) -> None:
 def test_admission() -> None:
     assert worker.admit(POD)["name"] == "c"
     for change, words in [({"initContainers": [{}]}, "init containers"),
-                          ({"restartPolicy": "OnFailure"}, "only Never"),
+                          ({"restartPolicy": "Sometimes"}, "unknown restartPolicy"),
                           ({"containers": [{"name": "c", "image": "i"}]}, "no command")]:
         with pytest.raises(worker.Unsupported, match=words):
             worker.admit({**POD, "spec": {**POD["spec"], **change}})
@@ -107,3 +107,52 @@ def test_container_path_finds_this_interpreters_scripts(monkeypatch) -> None:
     env = base_env()
     assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin", "/bin"]
     assert "KUBECONFIG" not in env
+
+
+def test_projected_service_account_volume(tmp_path: Path) -> None:
+    """The volume the ServiceAccount admission plugin adds (kube-api-access-*): a TokenRequest
+    token, the cluster CA from kube-root-ca.crt, and the namespace from the downward API."""
+    asked = []
+
+    async def token(audience, seconds):
+        asked.append((audience, seconds))
+        return f"tok-{len(asked)}"
+
+    objects = {**OBJECTS, ("ConfigMap", "kube-root-ca.crt"): {"data": {"ca.crt": "CA"}}}
+
+    async def fetch_all(kind, name):
+        return objects.get((kind, name))
+
+    async def no_claims(claim):
+        raise AssertionError("no claims here")
+    sources = [{"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+               {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+               {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]
+    specs = [{"name": "kube-api-access", "projected": {"defaultMode": 0o644, "sources": sources}},
+             {"name": "aud", "projected": {"sources": [{"serviceAccountToken": {"audience": "vault", "path": "t"}}]}},
+             {"name": "labels", "downwardAPI": {"items": [{"path": "app", "fieldRef": {"fieldPath": "metadata.labels['app']"}}]}}]
+    paths = asyncio.run(volumes.materialise(specs, tmp_path / "v", fetch_all, no_claims, token=token, pod=POD))
+    root = paths["kube-api-access"]
+    assert (root / "token").read_text() == "tok-1" and (root / "ca.crt").read_text() == "CA"
+    assert (root / "namespace").read_text() == "ns"
+    assert stat.S_IMODE((root / "token").stat().st_mode) == 0o644
+    assert (paths["aud"] / "t").read_text() == "tok-2" and (paths["labels"] / "app").read_text() == "x"
+    assert asked == [(None, 3607), ("vault", 3600)]
+    # refresh: a new token replaces the file in place
+    assert asyncio.run(volumes.write_tokens(root, sources, token, 0o644)) == 3607
+    assert (root / "token").read_text() == "tok-3"
+    with pytest.raises(volumes.VolumeError, match="kube-root-ca.crt"):
+        asyncio.run(volumes.materialise(specs[:1], tmp_path / "w", fetch, no_claims, token=token, pod=POD))
+
+
+def test_service_env_and_restart_rules() -> None:
+    env = worker.service_env("https://127.0.0.1:6443")
+    assert env["KUBERNETES_SERVICE_HOST"] == "127.0.0.1" and env["KUBERNETES_SERVICE_PORT"] == "6443"
+    assert env["KUBERNETES_PORT"] == "tcp://127.0.0.1:6443"
+    assert worker.restarts("Always", 0) and worker.restarts("OnFailure", 1)
+    assert not worker.restarts("OnFailure", 0) and not worker.restarts("Never", 1)
+    result = podstatus.Terminated(1, "Error", "", "t0", "t1")
+    status = podstatus.back_off(POD, POD["spec"]["containers"][0], "127.0.0.1", result, "process://9", 2, 20)
+    cs = status["containerStatuses"][0]
+    assert status["phase"] == "Running" and cs["restartCount"] == 2 and cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert cs["lastState"]["terminated"]["exitCode"] == 1

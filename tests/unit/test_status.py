@@ -67,7 +67,7 @@ def test_failed_job_carries_the_pod_failure():
     obs = status.observe(make_job(), job([("Failed", {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})]),
                          [pod("Failed", exit_code=137, message="Killed", reason="OOMKilled")])
     assert obs.phase == "Failed" and obs.reason == "BackoffLimitExceeded"
-    assert "exited with code 137 (OOMKilled): Killed" in obs.message
+    assert "last failure: OutOfMemory: pod demo-trainer-0-abc: exit code 137 (OOMKilled): Killed" in obs.message
 
 
 def test_conditions_follow_conventions():
@@ -97,3 +97,11 @@ def test_status_patch_for_success():
     patch = status.status_patch(obs, make_job(), "demo-trainer")
     assert patch["phase"] == "Succeeded" and patch["model"] == "demo" and patch["observedGeneration"] == 2
     assert patch["progress"]["percent"] == 100
+
+
+def test_suspended_once_pods_are_gone():
+    ftj = make_job(suspend=True)
+    suspended_job = {"metadata": {"name": "demo-trainer"}, "spec": {"suspend": True}, "status": {}}
+    assert status.observe(ftj, suspended_job, [pod("Running")]).reason == "Suspending"
+    obs = status.observe(ftj, suspended_job, [])
+    assert (obs.phase, obs.reason) == ("Suspended", "Suspended")

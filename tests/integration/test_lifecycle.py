@@ -1,0 +1,77 @@
+"""Lifecycle controls: suspend and resume, the active deadline, TTL after finishing, and the
+operator's metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+from test_operator import RESULT, condition, finish_pod, job_manifest, running_pod, wait_phase
+
+from kubetools import wait_for
+
+pytestmark = pytest.mark.usefixtures("claims")
+
+
+def test_suspend_stops_the_trainer_and_resume_starts_it_again(kubectl, operator):
+    kubectl.create(job_manifest())
+    first = running_pod(kubectl)
+    kubectl.merge_patch("ftj", "demo", {"spec": {"suspend": True}})
+    ftj = wait_phase(kubectl, "Suspended")
+    wait_for(lambda: kubectl.get("job", "demo-trainer")["spec"]["suspend"] is True, 10, what="the Job to be suspended")
+    wait_for(lambda: not [p for p in kubectl.items("pods", "finetune.ai/job=demo")
+                          if p["status"].get("phase") in ("Pending", "Running")], 60, what="the trainer pods to stop")
+    ftj = wait_for(lambda: (lambda f: f if condition(f, "Running")["status"] == "False" and
+                            f["status"]["conditions"] and f["status"]["phase"] == "Suspended" else None)(kubectl.get("ftj", "demo")),
+                   30, what="Suspended status")
+    assert any(c["reason"] == "Suspended" for c in ftj["status"]["conditions"])
+
+    kubectl.merge_patch("ftj", "demo", {"spec": {"suspend": False}})
+    second = wait_for(lambda: next((p for p in kubectl.items("pods", "finetune.ai/job=demo")
+                                    if p["status"].get("phase") == "Running" and p["metadata"]["name"] != first["metadata"]["name"]), None),
+                      60, what="a new trainer pod after resuming")
+    wait_phase(kubectl, "Running")
+    finish_pod(kubectl, second, 0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded")
+
+
+def test_created_suspended_runs_nothing_until_resumed(kubectl, operator):
+    kubectl.create(job_manifest(suspend=True))
+    wait_phase(kubectl, "Suspended")
+    assert kubectl.get("job", "demo-trainer")["spec"]["suspend"] is True
+    assert kubectl.items("pods", "finetune.ai/job=demo") == []
+    kubectl.merge_patch("ftj", "demo", {"spec": {"suspend": False}})
+    running_pod(kubectl)
+
+
+def test_deadline_fails_the_job(kubectl, operator):
+    kubectl.create(job_manifest(activeDeadlineSeconds=4))
+    running_pod(kubectl)
+    ftj = wait_phase(kubectl, "Failed", timeout=60)
+    assert condition(ftj, "Failed")["reason"] == "DeadlineExceeded"
+    assert "spec.activeDeadlineSeconds" in condition(ftj, "Failed")["message"]
+
+
+def test_ttl_deletes_finished_jobs(kubectl, operator):
+    kubectl.create(job_manifest(ttlSecondsAfterFinished=3))
+    finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded")
+    wait_for(lambda: kubectl.get("ftj", "demo") is None, 30, what="the TTL to delete the job")
+    wait_for(lambda: kubectl.get("job", "demo-trainer") is None and kubectl.get("model", "demo") is None, 60,
+             what="its children to be garbage-collected")
+
+
+def test_operator_metrics(kubectl, operator):
+    kubectl.create(job_manifest())
+    finish_pod(kubectl, running_pod(kubectl), 1, "boom")  # one retry
+    finish_pod(kubectl, wait_for(lambda: next((p for p in kubectl.items("pods", "finetune.ai/job=demo")
+                                               if p["status"].get("phase") == "Running"), None), 60, what="the retry"),
+               0, json.dumps(RESULT))
+    wait_phase(kubectl, "Succeeded")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'finetune_jobs{phase="Succeeded"} 1.0' in text
+    assert 'finetune_trainer_retries_total{reason="TrainerError"} 1.0' in text
+    assert "finetune_job_start_latency_seconds_count 1.0" in text
+    assert 'finetune_job_duration_seconds_count{outcome="Succeeded"} 1.0' in text
+    assert "finetune_reconcile_duration_seconds_count" in text and "finetune_reconcile_errors_total" in text
