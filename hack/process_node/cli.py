@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, int | None]:
     p = argparse.ArgumentParser(prog="python -m process_node", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--kubeconfig", help="default: $KUBECONFIG, then ~/.kube/config")
     p.add_argument("--node-name", default="local-0")
@@ -43,7 +44,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
     p.add_argument("--node-ip", default="127.0.0.1", help="the node's and every pod's IP (must be loopback)")
     p.add_argument("--heartbeat-seconds", type=float, default=10.0)
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
+    p.add_argument("--restart-backoff-seconds", type=float, default=10.0,
+                   help="first delay before restarting an exited container (restartPolicy Always/OnFailure); doubles up to 300")
     p.add_argument("--keep-node", action="store_true", help="leave the Node object behind on exit")
+    p.add_argument("--exit-with-pid", type=int, metavar="PID",
+                   help="stop (gracefully) when process PID is gone, e.g. the kube-apiserver's, so stopping "
+                        "the control plane stops this node too")
     p.add_argument("--log-file", type=Path, help="default: STATE/process-node.log")
     p.add_argument("--verbose", "-v", action="store_true")
     a = p.parse_args(argv)
@@ -55,22 +61,42 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
         claim_dirs={k: Path(v).resolve() for k, v in a.volume},
         capacity={"cpu": a.cpu, "memory": a.memory, "pods": a.pods, **dict(a.resource)},
         labels=dict(a.label), taints=tuple(a.taint), node_ip=a.node_ip,
-        heartbeat_seconds=a.heartbeat_seconds, shutdown_grace_seconds=a.shutdown_grace_seconds, keep_node=a.keep_node)
+        heartbeat_seconds=a.heartbeat_seconds, shutdown_grace_seconds=a.shutdown_grace_seconds,
+        restart_backoff_seconds=a.restart_backoff_seconds, keep_node=a.keep_node)
     log_file = a.log_file or config.state_dir / "process-node.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(filename=log_file, level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "kr8s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return config, log_file
+    return config, log_file, a.exit_with_pid
 
 
-async def _serve(config: Config) -> None:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _exit_with(pid: int, main: asyncio.Task) -> None:
+    while _pid_alive(pid):
+        await asyncio.sleep(1)
+    log.info("process %d is gone: stopping", pid)
+    main.cancel()
+
+
+async def _serve(config: Config, exit_with_pid: int | None = None) -> None:
     main = asyncio.current_task()
     assert main is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, main.cancel)
+    if exit_with_pid:
+        watcher = asyncio.ensure_future(_exit_with(exit_with_pid, main))  # noqa: F841 - lives with the loop
     kubelet = Kubelet(await Kube.connect(config.kubeconfig), config)
     try:
         await kubelet.run()
@@ -79,7 +105,7 @@ async def _serve(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, log_file = parse_args(argv)
+    config, log_file, exit_with_pid = parse_args(argv)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     problem = preflight(config.state_dir)
     if problem:
@@ -88,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("process node %s starting (state %s)", config.node_name, config.state_dir)
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, exit_with_pid))
     except SystemExit as exc:
         log.error("%s", exc)
         print(f"process node: {exc} (log: {log_file})", file=sys.stderr)

@@ -42,6 +42,7 @@ class Config:
     status_seconds: float = 30.0
     resync_seconds: int = 30
     shutdown_grace_seconds: float = 10.0
+    restart_backoff_seconds: float = 10.0      # first restart delay; doubles up to 300 s (kubelet)
     keep_node: bool = False
 
     @property

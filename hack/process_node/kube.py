@@ -53,6 +53,11 @@ class Kube:
                 raise Conflict(str(exc)) from exc
             raise
 
+    @property
+    def server(self) -> str:
+        """The API server's URL, as this node reaches it (https://127.0.0.1:PORT locally)."""
+        return self._api.auth.server
+
     async def server_version(self) -> str:
         return (await self._api.version()).get("gitVersion", "")
 

@@ -122,3 +122,5 @@ class NodeAgent:
             log.info("deleted node %s", self.config.node_name)
         except (NotFound, Conflict):
             pass
+        except Exception as exc:  # noqa: BLE001 - e.g. the API server stopped first (--exit-with-pid)
+            log.warning("node %s not deleted: %s", self.config.node_name, exc)

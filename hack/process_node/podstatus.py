@@ -47,11 +47,14 @@ def _base(pod: Obj, ip: str) -> Obj:
             "startTime": (pod.get("status") or {}).get("startTime") or now()}
 
 
-def _container(container: Obj, state: Obj, *, ready: bool, container_id: str = "") -> Obj:
+def _container(container: Obj, state: Obj, *, ready: bool, container_id: str = "", restart_count: int = 0,
+               last_state: Obj | None = None) -> Obj:
     status: Obj = {"name": container["name"], "image": container.get("image", ""), "imageID": "",
-                   "ready": ready, "started": "running" in state, "restartCount": 0, "state": state}
+                   "ready": ready, "started": "running" in state, "restartCount": restart_count, "state": state}
     if container_id:
         status["containerID"] = container_id
+    if last_state:
+        status["lastState"] = last_state
     return status
 
 
@@ -62,18 +65,32 @@ def waiting(pod: Obj, container: Obj, ip: str, reason: str, message: str) -> Obj
             "containerStatuses": [_container(container, {"waiting": {"reason": reason, "message": message}}, ready=False)]}
 
 
-def running(pod: Obj, container: Obj, ip: str, started_at: str, container_id: str) -> Obj:
+def running(pod: Obj, container: Obj, ip: str, started_at: str, container_id: str, restart_count: int = 0,
+            last_state: Obj | None = None) -> Obj:
     return {**_base(pod, ip), "phase": "Running", "conditions": _conditions(started_at, initialized=True, ready=True),
             "containerStatuses": [_container(container, {"running": {"startedAt": started_at}}, ready=True,
-                                             container_id=container_id)]}
+                                             container_id=container_id, restart_count=restart_count,
+                                             last_state=last_state)]}
 
 
-def terminated(pod: Obj, container: Obj, ip: str, result: Terminated, container_id: str) -> Obj:
+def back_off(pod: Obj, container: Obj, ip: str, last: Terminated, container_id: str, restart_count: int,
+             seconds: float) -> Obj:
+    """A container that exited and will be restarted (restartPolicy Always/OnFailure): the pod
+    stays Running, not ready, the container waiting in CrashLoopBackOff (as the kubelet reports)."""
+    message = f"back-off {seconds:g}s restarting failed container={container['name']} pod={pod['metadata']['name']}"
+    return {**_base(pod, ip), "phase": "Running",
+            "conditions": _conditions(now(), initialized=True, ready=False, reason="ContainersNotReady"),
+            "containerStatuses": [_container(container, {"waiting": {"reason": "CrashLoopBackOff", "message": message}},
+                                             ready=False, container_id=container_id, restart_count=restart_count,
+                                             last_state={"terminated": last.to_wire(container_id)})]}
+
+
+def terminated(pod: Obj, container: Obj, ip: str, result: Terminated, container_id: str, restart_count: int = 0) -> Obj:
     phase = "Succeeded" if result.exit_code == 0 else "Failed"
     return {**_base(pod, ip), "phase": phase,
             "conditions": _conditions(result.finished_at, initialized=True, ready=False, reason="PodCompleted"),
             "containerStatuses": [_container(container, {"terminated": result.to_wire(container_id)}, ready=False,
-                                             container_id=container_id)]}
+                                             container_id=container_id, restart_count=restart_count)]}
 
 
 def rejected(pod: Obj, ip: str, reason: str, message: str) -> Obj:

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from process_node.config import Config
-from process_node.envvars import Fetch
+from process_node.envvars import EnvError, Fetch, field_ref
 
 Obj = dict[str, Any]
 ClaimDir = Callable[[str], Awaitable[Path]]
+# (audience or None, expirationSeconds) -> a bound service-account token from the TokenRequest API
+TokenFn = Callable[[str | None, int], Awaitable[str]]
+DEFAULT_TOKEN_SECONDS = 3600   # the kubelet's default expirationSeconds for a projected token
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +56,82 @@ def _secret_data(obj: Obj) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
 
 
-async def materialise(volumes: list[Obj], volumes_dir: Path, fetch: Fetch, claim_dir: ClaimDir) -> dict[str, Path]:
+def _atomic_write(target: Path, data: bytes, mode: int) -> None:
+    """Replace a file in one step, so a reader never sees half a token (refreshes included)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+
+
+def _downward_items(pod: Obj, items: list[Obj], node_ip: str) -> dict[str, bytes]:
+    data = {}
+    for item in items:
+        if "fieldRef" not in item:
+            raise ValueError(f"downwardAPI item {item.get('path')!r}: only fieldRef is supported")
+        try:
+            data[item["path"]] = field_ref(pod, item["fieldRef"]["fieldPath"], node_ip).encode()
+        except EnvError as exc:
+            raise ValueError(f"downwardAPI item {item.get('path')!r}: {exc}") from exc
+    return data
+
+
+async def write_tokens(root: Path, sources: list[Obj], token: TokenFn | None, mode: int) -> float | None:
+    """(Re)write the serviceAccountToken files of a projected volume; return the shortest
+    expiry in seconds, or None if it has no token. The kubelet refreshes at 80% of it."""
+    shortest: float | None = None
+    for source in sources:
+        spec = source.get("serviceAccountToken")
+        if spec is None:
+            continue
+        if token is None:
+            raise ValueError("serviceAccountToken projections need the node's API access")
+        seconds = int(spec.get("expirationSeconds") or DEFAULT_TOKEN_SECONDS)
+        value = await token(spec.get("audience") or None, seconds)
+        _atomic_write(root / spec["path"], value.encode(), mode)
+        shortest = seconds if shortest is None else min(shortest, seconds)
+    return shortest
+
+
+async def _projected(root: Path, projected: Obj, fetch: Fetch, token: TokenFn | None, pod: Obj,
+                     node_ip: str) -> None:
+    """A projected volume: service-account token (TokenRequest), configMap, secret and
+    downwardAPI sources, all in one directory (kubelet: the kube-api-access-* volume)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    mode = projected.get("defaultMode", 0o644)
+    for source in projected.get("sources") or []:
+        if "configMap" in source or "secret" in source:
+            kind = "ConfigMap" if "configMap" in source else "Secret"
+            spec = source.get("configMap") or source.get("secret") or {}
+            obj = await fetch(kind, spec["name"])
+            if obj is None:
+                if spec.get("optional"):
+                    continue
+                raise VolumeError(f'{kind} "{spec["name"]}" not found')
+            data = (_config_map_data if kind == "ConfigMap" else _secret_data)(obj)
+            items = spec.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                if item["key"] not in data:
+                    if spec.get("optional"):
+                        continue
+                    raise VolumeError(f'{kind} "{spec["name"]}": key {item["key"]!r} not found')
+                _atomic_write(root / item["path"], data[item["key"]], item.get("mode", mode))
+        elif "downwardAPI" in source:
+            for rel, value in _downward_items(pod, source["downwardAPI"].get("items") or [], node_ip).items():
+                _atomic_write(root / rel, value, mode)
+        elif "serviceAccountToken" in source:
+            pass   # below, through write_tokens (also used to refresh)
+        else:
+            raise ValueError(f"unsupported projected source {sorted(source)}")
+    await write_tokens(root, projected.get("sources") or [], token, mode)
+
+
+async def materialise(volumes: list[Obj], volumes_dir: Path, fetch: Fetch, claim_dir: ClaimDir,
+                      token: TokenFn | None = None, pod: Obj | None = None,
+                      node_ip: str = "127.0.0.1") -> dict[str, Path]:
     """Return volume name -> host path for every volume the process node supports."""
     paths: dict[str, Path] = {}
     for volume in volumes:
@@ -78,8 +156,19 @@ async def materialise(volumes: list[Obj], volumes_dir: Path, fetch: Fetch, claim
             here = await claim_dir(volume["persistentVolumeClaim"]["claimName"])
             here.mkdir(parents=True, exist_ok=True)
         elif "projected" in volume:
-            log.info("volume %s: projected volumes (service-account tokens) are not supported; skipped", name)
-            continue
+            try:
+                await _projected(here, volume["projected"], fetch, token, pod or {}, node_ip)
+            except VolumeError as exc:
+                raise VolumeError(f"volume {name}: {exc}") from exc
+            except ValueError as exc:
+                raise ValueError(f"volume {name}: {exc}") from exc
+        elif "downwardAPI" in volume:
+            if here.exists():
+                shutil.rmtree(here)
+            here.mkdir(parents=True)
+            mode = volume["downwardAPI"].get("defaultMode", 0o644)
+            for rel, value in _downward_items(pod or {}, volume["downwardAPI"].get("items") or [], node_ip).items():
+                _atomic_write(here / rel, value, mode)
         elif "hostPath" in volume:
             here = Path(volume["hostPath"]["path"])
         else:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shutil
 from typing import Any
+from urllib.parse import urlsplit
 
 from process_node import envvars, podstatus, volumes
 from process_node.config import Config
@@ -16,6 +17,26 @@ Obj = dict[str, Any]
 log = logging.getLogger(__name__)
 RETRY_SECONDS = 2.0
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+MAX_BACKOFF_SECONDS = 300.0   # kubelet: MaxContainerBackOff
+RESTART_POLICIES = ("Never", "OnFailure", "Always")
+
+
+def service_env(server: str) -> dict[str, str]:
+    """The `kubernetes` Service variables the kubelet gives every container, pointing straight at
+    the API server this node uses (Services are not proxied here): in-cluster clients (kr8s,
+    Kopf, client-go) find the server through them."""
+    url = urlsplit(server)
+    if not url.hostname:
+        return {}
+    host, port = url.hostname, str(url.port or 443)
+    return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port, "KUBERNETES_SERVICE_PORT_HTTPS": port,
+            "KUBERNETES_PORT": f"tcp://{host}:{port}", f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
+            f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp", f"KUBERNETES_PORT_{port}_TCP_PORT": port,
+            f"KUBERNETES_PORT_{port}_TCP_ADDR": host}
+
+
+def restarts(policy: str, exit_code: int) -> bool:
+    return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
 
 
 class Unsupported(Exception):
@@ -30,8 +51,8 @@ def admit(pod: Obj) -> Obj:
     containers = spec.get("containers") or []
     if len(containers) != 1:
         raise Unsupported(f"the process node runs single-container pods; this pod has {len(containers)}")
-    if spec.get("restartPolicy", "Always") != "Never":
-        raise Unsupported(f"restartPolicy {spec.get('restartPolicy', 'Always')}: the process node supports only Never")
+    if spec.get("restartPolicy", "Always") not in RESTART_POLICIES:
+        raise Unsupported(f"unknown restartPolicy {spec.get('restartPolicy')!r}")
     if not containers[0].get("command"):
         raise Unsupported("the container has no command: with no image, a process node runs only explicit commands")
     return containers[0]
@@ -47,6 +68,7 @@ class PodWorker:
         self._shutdown = False
         self._finished = asyncio.Event()   # the container's end has been reported (or never started)
         self.task: asyncio.Task | None = None
+        self._tokens: list[tuple[Any, list[Obj], int]] = []   # (dir, sources, mode) of projected volumes
 
     # ---- inputs from the watch -----------------------------------------------------------
     def update(self, pod: Obj) -> None:
@@ -112,25 +134,75 @@ class PodWorker:
         spec = await self._prepare(container)
         if spec is None:
             return
-        process = self._process = Process(spec)
-        await process.start()
-        await self._report(podstatus.running(self.pod, container, self.config.node_ip, process.started_at,
-                                             process.container_id))
+        policy = self.pod["spec"].get("restartPolicy", "Always")
+        refresher = asyncio.ensure_future(self._refresh_tokens())
+        restart_count, last_state = 0, None
+        try:
+            while True:
+                process = self._process = Process(spec)
+                await process.start()
+                await self._report(podstatus.running(self.pod, container, self.config.node_ip, process.started_at,
+                                                     process.container_id, restart_count, last_state))
+                result = await self._wait_process(process)
+                log.info("pod %s: container exited %d (%s)", self.name, result.exit_code, result.reason)
+                if self.deleting or self._shutdown or not restarts(policy, result.exit_code):
+                    break
+                # restartPolicy Always/OnFailure: back off, then run the container again, in the same pod
+                delay = min(self.config.restart_backoff_seconds * 2 ** restart_count, MAX_BACKOFF_SECONDS)
+                restart_count += 1
+                last_state = {"terminated": result.to_wire(process.container_id)}
+                await self._report(podstatus.back_off(self.pod, container, self.config.node_ip, result,
+                                                      process.container_id, restart_count, delay))
+                if not await self._sleep_unless_deleted(delay):
+                    break
+        finally:
+            refresher.cancel()
+        status = podstatus.terminated(self.pod, container, self.config.node_ip, result, process.container_id,
+                                      restart_count)
+        if self._shutdown:
+            status |= {"phase": "Failed", "reason": "Terminated",
+                       "message": "Pod was terminated in response to imminent node shutdown."}
+        await self._report(status)
+
+    async def _wait_process(self, process: Process) -> podstatus.Terminated:
+        """The container's end: its own exit, or the pod's deletion (SIGTERM, grace, SIGKILL)."""
         waiter = asyncio.ensure_future(process.wait())
-        while not waiter.done() and not self.deleting:
+        while not waiter.done() and not self.deleting and not self._shutdown:
             self._changed.clear()
             changed = asyncio.ensure_future(self._changed.wait())
             await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
             changed.cancel()
         if not waiter.done():
             await process.terminate(self.grace_seconds())
-        result = await waiter
-        log.info("pod %s: container exited %d (%s)", self.name, result.exit_code, result.reason)
-        status = podstatus.terminated(self.pod, container, self.config.node_ip, result, process.container_id)
-        if self._shutdown:
-            status |= {"phase": "Failed", "reason": "Terminated",
-                       "message": "Pod was terminated in response to imminent node shutdown."}
-        await self._report(status)
+        return await waiter
+
+    async def _sleep_unless_deleted(self, seconds: float) -> bool:
+        """Sleep; False if the pod is being deleted (or the node stops) meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self.deleting and not self._shutdown:
+            left = deadline - loop.time()
+            if left <= 0:
+                return True
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    async def _refresh_tokens(self) -> None:
+        """Rewrite projected service-account tokens at 80% of their lifetime, as the kubelet does."""
+        shortest = min((seconds for _, _, seconds in self._tokens), default=None)
+        if shortest is None:
+            return
+        while True:
+            await asyncio.sleep(shortest * 0.8)
+            for root, sources, mode in self._tokens:
+                try:
+                    await volumes.write_tokens(root, sources, self._token, mode)
+                except Exception as exc:  # noqa: BLE001 - keep the old token and try again next round
+                    log.warning("pod %s: token refresh failed: %s", self.name, exc)
 
     async def _prepare(self, container: Obj) -> LaunchSpec | None:
         """Volumes and env, retried while their sources are missing (kubelet: CreateContainerConfigError)."""
@@ -157,13 +229,23 @@ class PodWorker:
     async def _launch_spec(self, container: Obj) -> LaunchSpec:
         meta = self.pod["metadata"]
         namespace = meta["namespace"]
+        pod_volumes = self.pod["spec"].get("volumes") or []
         paths = await volumes.materialise(
-            self.pod["spec"].get("volumes") or [], self.pod_dir / "volumes", self._fetch,
-            lambda claim: volumes.claim_host_dir(self.config, self._get_or_none, namespace, claim))
+            pod_volumes, self.pod_dir / "volumes", self._fetch,
+            lambda claim: volumes.claim_host_dir(self.config, self._get_or_none, namespace, claim),
+            token=self._token, pod=self.pod, node_ip=self.config.node_ip)
+        self._tokens = []
+        for v in pod_volumes:
+            sources = (v.get("projected") or {}).get("sources") or []
+            token_sources = [src for src in sources if "serviceAccountToken" in src]
+            if token_sources:
+                seconds = min(int(src["serviceAccountToken"].get("expirationSeconds") or volumes.DEFAULT_TOKEN_SECONDS)
+                              for src in token_sources)
+                self._tokens.append((paths[v["name"]], token_sources, seconds))
         mounts = []
         for m in container.get("volumeMounts") or []:
             if m["name"] not in paths:
-                continue  # a skipped volume (projected service-account token)
+                raise ValueError(f"volumeMount {m['name']!r}: no such volume")
             source = paths[m["name"]]
             if m.get("subPath"):
                 source = source / m["subPath"]
@@ -171,7 +253,7 @@ class PodWorker:
                     source.mkdir(parents=True)  # the kubelet creates a missing subPath as a directory
             mounts.append(Mount(source, m["mountPath"], bool(m.get("readOnly"))))
         env_vars = await envvars.resolve(self.pod, container, self._fetch, self.config.node_ip)
-        env = {**self.base_env, "HOSTNAME": meta["name"], **env_vars}
+        env = {**self.base_env, "HOSTNAME": meta["name"], **service_env(self.kube.server), **env_vars}
         name = container["name"]
         policy = container.get("terminationMessagePolicy", "File")
         return LaunchSpec(
@@ -206,6 +288,7 @@ class PodWorker:
     async def stop(self, grace_seconds: float) -> None:
         """Node shutdown: end the container, report it (kubelet: graceful node shutdown), stop."""
         self._shutdown = True
+        self._changed.set()
         if self._process is not None:
             await self._process.terminate(grace_seconds)
             try:
@@ -232,6 +315,21 @@ class PodWorker:
             return await self.kube.get(path)
         except NotFound:
             return None
+
+    async def _token(self, audience: str | None, seconds: int) -> str:
+        """A token for the pod's ServiceAccount, bound to this pod (TokenRequest API), as the
+        kubelet gets one for a projected serviceAccountToken source."""
+        meta = self.pod["metadata"]
+        account = self.pod["spec"].get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [audience] if audience else [], "expirationSeconds": seconds,
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": self.uid}}}
+        try:
+            response = await self.kube.create(
+                f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token", body)
+        except NotFound as exc:
+            raise volumes.VolumeError(f'ServiceAccount "{account}" not found') from exc
+        return response["status"]["token"]
 
     async def _fetch(self, kind: str, name: str) -> Obj | None:
         plural = {"ConfigMap": "configmaps", "Secret": "secrets"}[kind]

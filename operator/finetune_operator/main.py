@@ -19,7 +19,7 @@ import kopf
 import prometheus_client
 from aiohttp import web
 
-from . import handlers  # noqa: F401  (registers the handlers)
+from . import handlers, login  # noqa: F401  (registers the handlers and the login)
 from .leader import LeaseElector
 from .progress import ProgressBuffer, make_app
 from .settings import OperatorSettings

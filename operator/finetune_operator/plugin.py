@@ -175,14 +175,15 @@ async def _get_job(name: str, namespace: str | None) -> dict:
     return job
 
 
-def _status_lines(job: dict) -> list[str]:
+def _status_lines(job: dict, progress: bool = True) -> list[str]:
     status = job.get("status", {})
     lines = [f"{job['metadata']['name']}: {status.get('phase', 'Pending')}"]
-    if status.get("progress"):
+    if progress and status.get("progress"):
         lines.append("  " + progress_line(status["progress"]))
     for cond in status.get("conditions", []):
         if cond["status"] == "True":
-            lines.append(f"  {cond['type']}: {cond['reason']}: {cond.get('message', '')}")
+            message = cond.get("message") or ""
+            lines.append(f"  {cond['type']}: {cond.get('reason', '')}" + (f": {message}" if message else ""))
     if status.get("model"):
         lines.append(f"  model: {status['model']}")
     return lines
@@ -208,34 +209,79 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+PROGRESS_PREFIX = "FINETUNE_PROGRESS "   # the trainer's progress records on stdout (finetune_trainer.protocol)
+
+
+def progress_from_log(text: str) -> dict[str, Any] | None:
+    """The latest `progress` record in a trainer log, or None."""
+    for line in reversed(text.splitlines()):
+        _, sep, payload = line.partition(PROGRESS_PREFIX)
+        if not sep:
+            continue
+        try:
+            record = json.loads(payload)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "progress":
+            return record
+    return None
+
+
+async def _trainer_pods(name: str, namespace: str) -> list[dict]:
+    from . import kube
+
+    pods = await kube.list_("Pod", namespace, {"finetune.ai/job": name})
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+
+
+async def _pod_log(namespace: str, pod: str, tail: int) -> str:
+    """A trainer pod's log, through the API server (which asks the node's kubelet)."""
+    api, _ = await _api(namespace)
+    async with api.call_api("GET", version="v1", namespace=namespace, url=f"pods/{pod}/log",
+                            params={"container": "trainer", "tailLines": str(tail)}) as resp:
+        return resp.text
+
+
+async def _live_progress(job: dict) -> dict[str, Any] | None:
+    """Progress read from the running trainer's log, for when the status has none yet."""
+    try:
+        pods = await _trainer_pods(job["metadata"]["name"], job["metadata"]["namespace"])
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+        if not running:
+            return None
+        return progress_from_log(await _pod_log(job["metadata"]["namespace"], running[-1]["metadata"]["name"], 50))
+    except Exception:  # noqa: BLE001 - the log is a bonus; the status is the source of truth
+        return None
+
+
 async def cmd_watch(args: argparse.Namespace) -> int:
+    last = ""
     while True:
         job = await _get_job(args.name, args.namespace)
         status = job.get("status", {})
         phase = status.get("phase", "Pending")
-        _draw(f"{phase:10} " + progress_line(status.get("progress") or {}))
+        progress = status.get("progress")
+        if not progress and phase == "Running":
+            progress = await _live_progress(job)
+        line = f"{phase:10} " + progress_line(progress or {})
+        if line != last or sys.stdout.isatty():
+            _draw(line)
+            last = line
         if phase in TERMINAL_PHASES:
             if sys.stdout.isatty():
                 print()
-            print("\n".join(_status_lines(job)[1:]))
+            print("\n".join(_status_lines(job, progress=False)[1:]))
             return 0 if phase == "Succeeded" else 1
         await asyncio.sleep(args.interval)
 
 
 async def cmd_logs(args: argparse.Namespace) -> int:
-    from . import kube
-
     job = await _get_job(args.name, args.namespace)
     ns = job["metadata"]["namespace"]
-    pods = await kube.list_("Pod", ns, {"finetune.ai/job": args.name})
+    pods = await _trainer_pods(args.name, ns)
     if not pods:
         raise PluginError(f"{args.name} has no trainer pods (yet)")
-    pods.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""))
-    pod = pods[-1]["metadata"]["name"]
-    api, _ = await _api(ns)
-    async with api.call_api("GET", version="v1", namespace=ns, url=f"pods/{pod}/log",
-                            params={"container": "trainer", "tailLines": str(args.tail)}) as resp:
-        sys.stdout.write(resp.text)
+    sys.stdout.write(await _pod_log(ns, pods[-1]["metadata"]["name"], args.tail))
     return 0
 
 
