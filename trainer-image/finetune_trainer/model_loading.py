@@ -6,6 +6,7 @@ Precision: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy on most
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -135,24 +136,24 @@ def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodCo
         return model
 
     kwargs = dict(dtype=dtype, attn_implementation=attention)
-    if method.type == "qlora":
-        kwargs["quantization_config"] = _quantization_config(method)
-        kwargs["device_map"] = {"": device}
-        if model_dir is None:  # a preset: quantization happens while loading saved weights
-            model_dir = materialize_preset(config.preset_name, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if method.type != "qlora":
-        model.to(device)
-    return model
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
+
+    kwargs["quantization_config"] = _quantization_config(method)
+    kwargs["device_map"] = {"": device}
+    if model_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    # A preset: bitsandbytes quantizes while loading saved weights, so save it first.
+    with tempfile.TemporaryDirectory(prefix=f"preset-{config.preset_name}-") as saved:
+        materialize_preset(config.preset_name, device, Path(saved))
+        return AutoModelForCausalLM.from_pretrained(saved, **kwargs)
 
 
-def materialize_preset(name: str, device: torch.device) -> Path:
-    """Save a preset to a local directory so it can be loaded with quantization (QLoRA)."""
-    import tempfile
-
-    target = Path(tempfile.mkdtemp(prefix=f"preset-{name}-"))
+def materialize_preset(name: str, device: torch.device, target: Path) -> None:
+    """Save a preset's weights to a directory (for QLoRA, which quantizes while loading)."""
     model, tokenizer = presets.build_preset(name, torch.bfloat16, device)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     del model
-    return target
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

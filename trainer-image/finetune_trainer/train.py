@@ -195,6 +195,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         eval_loss = evaluate()
         if eval_loss is not None:
             reporter.evaluated(step, eval_loss)
+        engine.empty_partition_cache()  # see _evaluate
         staging = output_dir / f".staging-{time.time_ns()}"
         outputs.save_weights(engine.module, tokenizer, not config.method.uses_adapter, staging, dist.is_main)
         result = None
@@ -252,6 +253,10 @@ def _evaluate(engine, rows, collate, dist, micro_batch_size: int) -> float:
             targets = batching.count_targets(batch_rows)
             loss_sum += weight * loss.item() * targets
             targets_sum += weight * targets
+    # ZeRO-3 prefetches the parameters of the module it expects next; after the last eval
+    # batch some are still being gathered ("in flight"), and the next gather or save would
+    # fail on them. This waits for them and re-partitions everything (a no-op below stage 3).
+    engine.empty_partition_cache()
     engine.train()
     loss_sum, targets_sum = distributed.all_reduce_sum([loss_sum, targets_sum], dist.device)
     return loss_sum / targets_sum
