@@ -8,7 +8,7 @@ KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 BIN := $(HOME)/.cache/finetune-operator/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 
-.PHONY: help venv binaries crds check-crds cluster cluster-down operator test test-unit test-integration demo trainer-image image clean
+.PHONY: help venv binaries crds check-crds cluster cluster-down operator test test-unit test-integration demo docs trainer-image image clean
 
 help:
 	@echo "make demo | test | cluster | cluster-down | operator | crds | trainer-image | image"
@@ -50,6 +50,10 @@ test-unit: venv
 
 demo: venv
 	hack/demo.sh
+
+# docs/api.md from the CRD schemas (tests/docs fails when it drifts).
+docs: venv
+	$(PY) -m finetune_operator.apidocs
 
 trainer-image:
 	docker build -f trainer-image/Dockerfile -t finetune-trainer:0.1.0 .

@@ -136,7 +136,7 @@ def run_local(args: argparse.Namespace) -> int:
         print()
     if proc.returncode != 0:
         tail = [l for l in log_file.read_text().splitlines() if l.strip()]
-        reason = tail[-1] if tail else f"exit code {proc.returncode}"
+        reason = tail[-1].removeprefix("finetune-trainer: error: ") if tail else f"exit code {proc.returncode}"
         raise PluginError(f"trainer failed (exit {proc.returncode}): {reason}")
 
     result_path = output_dir / "result.json"

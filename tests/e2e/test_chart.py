@@ -1,0 +1,165 @@
+"""The Helm chart, for real: lint, schema validation of every rendering by the real API server,
+and an install whose operator (a pod on a process node, in-cluster credentials, the chart's RBAC)
+trains a job to a Ready Model; then uninstall leaves only what Helm conventions keep.
+
+Validation: `kubectl apply --dry-run=server --validate=strict` against the local API server,
+rather than kubeconform. The API server is what kubeconform approximates: it checks every object
+against the OpenAPI schemas of exactly the Kubernetes version we run (and our CRDs' schemas),
+rejects unknown or duplicate fields (strict), and runs admission (e.g. RBAC objects whose
+namespaces must exist). kubeconform would need a Go build plus a schema set generated offline
+from this same server, and would still skip admission.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetools import KUBECTL, REPO, VENV_BIN, Kubectl, free_port, wait_for
+
+from conftest import CHART
+
+pytestmark = pytest.mark.integration
+PROCESS_NODE_VALUES = CHART / "ci" / "process-node-values.yaml"
+RELEASE_KINDS = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,configmaps,secrets"
+
+
+def test_lint(helm) -> None:
+    for extra in ([], ["-f", str(PROCESS_NODE_VALUES)], ["--set", "watchNamespaces={a,b}", "--set", "karpenter.enabled=true"]):
+        out = helm("lint", "--strict", str(CHART), *extra).stdout
+        assert "0 chart(s) failed" in out, out
+
+
+def _docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+@pytest.mark.parametrize("values", [
+    [],
+    ["-f", str(PROCESS_NODE_VALUES)],
+    ["--set", "watchNamespaces={NS}", "--set", "karpenter.enabled=true", "--set", "replicaCount=2",
+     "--set-json", 'karpenter.nodeClassRef={"group":"karpenter.kwok.sh","kind":"KWOKNodeClass","name":"default"}',
+     "--set", "metrics.serviceMonitor.enabled=true", "--set", "progress.enabled=false"],
+], ids=["defaults", "process-node", "namespaced-karpenter"])
+def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace: str, values: list[str]) -> None:
+    values = [v.replace("NS", namespace) for v in values]
+    rendered = helm("template", "v", str(CHART), "--namespace", namespace, "--include-crds", *values).stdout
+    docs = _docs(rendered)
+    kinds = {d["kind"] for d in docs}
+    assert {"CustomResourceDefinition", "ServiceAccount", "Deployment", "Service"} <= kinds
+    # The prometheus-operator CRD is not installed here: check the ServiceMonitor by hand.
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    for monitor in monitors:
+        service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-metrics"))
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    checked = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    cluster = Kubectl(kubectl.kubeconfig)  # objects carry their own namespaces
+    proc = cluster("apply", "--server-side", "--force-conflicts", "--dry-run=server", "--validate=strict", "-f", "-",
+                   input=yaml.safe_dump_all(checked), check=False)
+    assert proc.returncode == 0, proc.stderr
+    if "watchNamespaces" in " ".join(values):
+        assert "ClusterRole" in kinds  # only the Karpenter NodePool part is cluster-wide
+        cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+        assert [r["metadata"]["name"] for r in cluster_roles] == ["v-finetune-operator-node-pools"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"livenessProbe", "readinessProbe", "resources"} <= container.keys()
+
+
+def _released(helm, release: str, namespace: str) -> None:
+    helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
+
+
+def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubectl, namespace: str, claims,
+                                                          process_node, tmp_path: Path) -> None:
+    release = f"e2e-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-finetune-operator"
+    cluster = Kubectl(kubectl.kubeconfig)
+    # The operator pod runs on the process node, sharing the host's ports: free ones.
+    ports = {"metrics.port": free_port(), "healthPort": free_port(), "progress.port": free_port()}
+    values = {**yaml.safe_load(PROCESS_NODE_VALUES.read_text()), **process_node.placement,
+              "watchNamespaces": [namespace]}
+    values["metrics"] = {**values["metrics"], "port": ports["metrics.port"]}
+    values["healthPort"] = ports["healthPort"]
+    values["progress"] = {"port": ports["progress.port"], "url": f"http://127.0.0.1:{ports['progress.port']}"}
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    try:
+        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(values_file),
+             "--wait", "--timeout", "120s")
+        pod = kubectl.items("pods", f"app.kubernetes.io/instance={release}")[0]
+        assert pod["spec"]["nodeName"] == process_node.name
+        assert pod["spec"]["serviceAccountName"] == fullname
+        # It authenticated in-cluster as its ServiceAccount and leads.
+        lease = wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity"), 60,
+                         what="the operator to take its Lease")
+        assert lease == pod["metadata"]["name"]
+
+        # The quickstart, placed on this test's process node; data where the `data` PV points.
+        data_dir = Path(cluster.get("pv", f"{namespace}-data")["spec"]["hostPath"]["path"])
+        models_dir = Path(cluster.get("pv", f"{namespace}-models")["spec"]["hostPath"]["path"])
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data_dir)
+        job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        job["spec"]["nodePool"] = {"provisioner": "existing", **process_node.placement}
+        kubectl.apply(job)
+
+        def finished() -> dict | None:
+            ftj = kubectl.get("ftj", "quickstart")
+            return ftj if ftj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+        ftj = wait_for(finished, 420, interval=2, what="the quickstart job to finish")
+        assert ftj["status"]["phase"] == "Succeeded", json.dumps(ftj["status"], indent=1)
+
+        model = wait_for(lambda: (m := kubectl.get("model", "quickstart")) and m.get("status", {}).get("phase") == "Ready" and m,
+                         60, what="the Model to be Ready")
+        adapter = models_dir / "quickstart" / "adapter_model.safetensors"
+        assert model["spec"]["adapter"]["sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
+        metrics = json.loads((models_dir / "quickstart" / "result.json").read_text())["metrics"]
+        assert metrics["evalLoss"] < metrics["initialEvalLoss"]
+        operator_log = process_node.container_log(namespace, fullname)
+        assert "login_with_service_account" not in operator_log and "Traceback" not in operator_log
+
+        # kubectl finetune against the cluster
+        plugin = [str(VENV_BIN / "kubectl-finetune")]
+        env = {"KUBECONFIG": kubectl.kubeconfig, "PATH": f"{VENV_BIN}:/usr/bin:/bin"}
+
+        def finetune(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(plugin + list(args), capture_output=True, text=True, env=env, timeout=60)
+        listed = finetune("list", "-n", namespace)
+        assert listed.returncode == 0 and "quickstart" in listed.stdout and "Succeeded" in listed.stdout, listed
+        status = finetune("status", "quickstart", "-n", namespace)
+        assert status.returncode == 0 and "quickstart: Succeeded" in status.stdout and "model: quickstart" in status.stdout
+        watch = finetune("watch", "quickstart", "-n", namespace)
+        assert watch.returncode == 0 and "100%" in watch.stdout, watch
+        logs = finetune("logs", "quickstart", "-n", namespace, "--tail", "20")
+        assert logs.returncode == 0 and "FINETUNE_PROGRESS" in logs.stdout, logs
+        missing = finetune("status", "nope", "-n", namespace)
+        assert missing.returncode == 1 and missing.stderr.strip() == f'error: finetunejob "nope" not found in namespace "{namespace}"'
+        assert "Traceback" not in missing.stderr
+    finally:
+        _released(helm, release, namespace)
+
+    # Helm keeps CRDs (and the namespace it was given); nothing of the release is left.
+    wait_for(lambda: not kubectl.items(RELEASE_KINDS, f"app.kubernetes.io/instance={release}"), 60,
+             what="the release's objects to go")
+    leftover = cluster("get", "clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={release}",
+                       "-o", "name").stdout
+    assert leftover == ""
+    assert not [p for p in kubectl.items("pods") if p["metadata"]["name"].startswith(fullname)]
+    assert cluster.get("crd", "finetunejobs.finetune.ai") and cluster.get("crd", "models.finetune.ai")
+    # The operator's leader-election Lease is runtime state, not a chart object (as with
+    # controller-runtime operators): uninstall deletes the ServiceAccount with the pod, so the
+    # stopping operator cannot hand it back (401); it simply expires.
+    lease = kubectl.get("lease", fullname)
+    assert lease is None or "app.kubernetes.io/instance" not in (lease["metadata"].get("labels") or {})
