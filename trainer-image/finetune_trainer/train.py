@@ -79,12 +79,13 @@ def run(config: JobConfig) -> dict[str, Any]:
         )
     reporter = Reporter(config.reporting, dist.is_main)
     try:
-        # 3. Tokenizer and data. Local rank 0 fetches hub files first; the others then read the cache.
-        model_dir = None
-        for turn in (True, False):
-            if dist.is_local_main == turn:
-                model_dir = model_loading.resolve_model_dir(config.base_model)
-            distributed.barrier()
+        # 3. Tokenizer and data. On each node local rank 0 fetches hub files first, so the
+        #    other processes find them in the cache instead of downloading them again.
+        if dist.is_local_main:
+            model_dir = model_loading.resolve_model_dir(config.base_model)
+        distributed.barrier()
+        if not dist.is_local_main:
+            model_dir = model_loading.resolve_model_dir(config.base_model)
         tokenizer = model_loading.load_tokenizer(config.base_model, model_dir)
         if fmt == "chat" and not tokenizer.chat_template:
             raise ConfigError(f"dataset.format: chat data needs a chat template, and {config.base_model.source} has none")
