@@ -46,6 +46,14 @@ def namespace(kubeconfig: str, crds: None) -> str:
     wait_for(lambda: kubectl("-n", name, "get", "serviceaccount", "default", check=False).returncode == 0,
              30, what="the namespace's default ServiceAccount")
     yield name
+    # The operator is gone by now, so nothing would remove the node-pool finalizer of jobs with a
+    # Karpenter pool: release their pools here and strip it, or the namespace never goes away.
+    scoped = Kubectl(kubeconfig, name)
+    for ftj in scoped.items("finetunejobs.finetune.ai"):
+        scoped("patch", "finetunejobs.finetune.ai", ftj["metadata"]["name"], "--type=merge",
+               "-p", '{"metadata": {"finalizers": null}}', check=False)
+    if kubectl("get", "crd", "nodepools.karpenter.sh", check=False).returncode == 0:
+        kubectl("delete", "nodepools.karpenter.sh", "-l", f"finetune.ai/namespace={name}", "--wait=false", check=False)
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 

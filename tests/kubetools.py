@@ -104,7 +104,9 @@ class OperatorProcess:
             "KUBECONFIG": self.kubeconfig,
             "FINETUNE_NAMESPACES": self.namespace,
             "FINETUNE_LEASE_NAMESPACE": self.namespace,
-            "FINETUNE_IDENTITY": f"{self.identity}-{self.starts}",
+            # A restarted container keeps its pod name, so it keeps its leader-election identity
+            # and takes its own Lease back at once instead of waiting for it to expire.
+            "FINETUNE_IDENTITY": self.identity,
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
             "FINETUNE_HEALTH_PORT": str(free_port()),
             "FINETUNE_RESYNC_SECONDS": "3",
@@ -124,7 +126,8 @@ class OperatorProcess:
         return self
 
     def wait_leading(self, timeout: float = 60) -> None:
-        wait_for(lambda: f"became leader as {self.identity}-{self.starts - 1}" in self.log_path.read_text(),
+        marker = f"===== start {self.starts} ====="
+        wait_for(lambda: f"became leader as {self.identity}" in self.log_path.read_text().rsplit(marker, 1)[-1],
                  timeout, what=f"operator {self.identity} to lead")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -255,14 +255,15 @@ async def _live_progress(job: dict) -> dict[str, Any] | None:
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
-    last = ""
+    last, seen = "", None
     while True:
         job = await _get_job(args.name, args.namespace)
         status = job.get("status", {})
         phase = status.get("phase", "Pending")
         progress = status.get("progress")
         if not progress and phase == "Running":
-            progress = await _live_progress(job)
+            progress = await _live_progress(job) or seen   # between the trainer's exit and the status
+        seen = progress or seen
         line = f"{phase:10} " + progress_line(progress or {})
         if line != last or sys.stdout.isatty():
             _draw(line)

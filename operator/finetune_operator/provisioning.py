@@ -4,8 +4,8 @@
   because a job's pool carries a taint only that job's pods tolerate (no other workload lands on
   its expensive nodes), its limit is exactly the job's node count, and deleting it when the job
   ends makes Karpenter remove exactly that job's nodes, with no reference counting between jobs.
-  Nodes are protected from consolidation mid-training by the karpenter.sh/do-not-disrupt pod
-  annotation and a disruption budget of zero for everything but empty nodes.
+  Nodes are protected from disruption by the karpenter.sh/do-not-disrupt pod annotation, no
+  consolidation and a disruption budget of zero.
 - existing: schedule onto existing nodes by nodeSelector and tolerations; provision nothing.
 - none: plain resource requests, for clusters with their own autoscaler.
 """
@@ -102,10 +102,12 @@ def build_node_pool(job: FineTuneJob, settings: OperatorSettings) -> dict[str, A
             },
             "limits": {"nodes": str(job.spec.distributed.nodes)},
             "disruption": {
+                # No consolidation at all: an empty node between two attempts is still the job's,
+                # and a finished trainer pod holds the result (its termination message) until the
+                # operator has read it. Deleting the pool is what releases the nodes.
                 "consolidationPolicy": "WhenEmpty",
-                "consolidateAfter": "5m",
-                # Never disrupt a node for drift or underuse while the job may still need it.
-                "budgets": [{"nodes": "0", "reasons": ["Drifted", "Underutilized"]}],
+                "consolidateAfter": "Never",
+                "budgets": [{"nodes": "0", "reasons": ["Drifted", "Underutilized", "Empty"]}],
             },
         },
     }

@@ -50,7 +50,7 @@ def test_loss_goes_down_and_outputs_are_complete(tmp_path, chat_dataset, method)
 
     model_yaml = yaml.safe_load((out / "model.yaml").read_text())
     assert model_yaml["spec"]["adapter"] == {
-        "uri": "pvc://models/m", "format": "transformers" if method == "full" else "peft",
+        "uri": "pvc://models/m", "format": "full" if method == "full" else "peft",
         "sha256": result["files"][weights]["sha256"], "sizeBytes": result["files"][weights]["size"],
     }
     assert model_yaml["status"]["metrics"]["evalLoss"] == metrics["evalLoss"]

@@ -27,7 +27,8 @@ def test_node_pool_for_a_gpu_job():
     assert {"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["gpu-8xh100"]} in template["requirements"]
     assert template["taints"] == [{"key": "finetune.ai/job", "value": "uid-1", "effect": "NoSchedule"}]
     assert pool["spec"]["limits"] == {"nodes": "2"}
-    assert pool["spec"]["disruption"]["budgets"] == [{"nodes": "0", "reasons": ["Drifted", "Underutilized"]}]
+    assert pool["spec"]["disruption"]["consolidateAfter"] == "Never"
+    assert pool["spec"]["disruption"]["budgets"] == [{"nodes": "0", "reasons": ["Drifted", "Underutilized", "Empty"]}]
     assert "ownerReferences" not in pool["metadata"]  # cluster-scoped
 
 

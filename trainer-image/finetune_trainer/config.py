@@ -164,6 +164,12 @@ class ReportingConfig(_Model):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint; 0 = disabled")
     metrics_host: str = "0.0.0.0"
     termination_message_path: str | None = None
+    progress_url: str | None = Field(
+        None, description="operator endpoint that receives the latest progress (POST JSON); null = off"
+    )
+    progress_token_file: str | None = Field(
+        None, description="bearer token for progressUrl (a projected service-account token); re-read on every post"
+    )
 
 
 class JobConfig(_Model):

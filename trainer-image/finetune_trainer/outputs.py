@@ -101,7 +101,7 @@ def render_model_manifest(config: JobConfig, files: dict[str, dict[str, Any]], m
     spec = manifest.setdefault("spec", {})
     adapter = dict(spec.get("adapter") or {})  # keeps the operator's uri
     adapter.update(
-        format="peft" if config.method.uses_adapter else "transformers",
+        format="peft" if config.method.uses_adapter else "full",
         sha256=files[primary]["sha256"],
         sizeBytes=files[primary]["size"],
     )

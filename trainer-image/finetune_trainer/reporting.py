@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 from finetune_trainer.config import ReportingConfig
@@ -43,15 +46,72 @@ class Metrics:
         self.server.shutdown()
 
 
+class ProgressPusher:
+    """Sends the latest progress record to the operator from a background thread.
+
+    Only the newest record matters, so a slow or unreachable operator never slows training:
+    records that arrive while a post is in flight replace each other, and failures are logged
+    (at most once a minute) and retried with the next record."""
+
+    def __init__(self, url: str, token_file: str | None, min_interval: float = 2.0):
+        self.url, self.token_file, self.min_interval = url, token_file, min_interval
+        self._latest: dict[str, Any] | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._last_warning = 0.0
+        self.thread = threading.Thread(target=self._run, name="progress-pusher", daemon=True)
+        self.thread.start()
+
+    def offer(self, record: dict[str, Any]) -> None:
+        with self._wake:
+            self._latest = record
+            self._wake.notify()
+
+    def _post(self, record: dict[str, Any]) -> None:
+        headers = {"Content-Type": "application/json"}
+        if self.token_file:
+            with open(self.token_file) as f:  # projected tokens rotate: read it every time
+                headers["Authorization"] = f"Bearer {f.read().strip()}"
+        request = urllib.request.Request(self.url, data=json.dumps(record).encode(), headers=headers, method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._latest is None and not self._closed:
+                    self._wake.wait()
+                record, self._latest = self._latest, None
+                closed = self._closed
+            if record is not None:
+                try:
+                    self._post(record)
+                except (OSError, urllib.error.URLError) as exc:
+                    if time.monotonic() - self._last_warning > 60:
+                        self._last_warning = time.monotonic()
+                        log.warning("could not report progress to the operator: %s", exc)
+            if closed:
+                return
+            time.sleep(self.min_interval)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self.thread.join(timeout=15)
+
+
 class Reporter:
     def __init__(self, config: ReportingConfig, is_main: bool):
         self.is_main = is_main
         self.stream = None
         self.metrics = None
+        self.pusher = None
         if not is_main:
             return
         if config.progress_file:
             self.stream = open(config.progress_file, "a", buffering=1)
+        self.pusher = ProgressPusher(config.progress_url, config.progress_token_file) if config.progress_url else None
         if config.metrics_port:
             self.metrics = Metrics(config.metrics_host, config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
@@ -101,6 +161,8 @@ class Reporter:
         if gpu_memory is not None:
             record["gpuMemoryBytes"] = gpu_memory
         self.emit(record)
+        if self.pusher is not None:
+            self.pusher.offer(record)
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %s",
             step, total_steps, loss, learning_rate, tokens_per_second, _duration(eta_seconds),
@@ -114,6 +176,8 @@ class Reporter:
             log.info("step %d  eval loss %.4f", step, eval_loss)
 
     def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
         if self.stream is not None:
             self.stream.close()
         if self.metrics is not None:
