@@ -10,14 +10,15 @@ from finetune_trainer.protocol import EXIT_USER_ERROR
 from . import naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
 from .model import manifest_template
+from .progress import AUDIENCE as PROGRESS_AUDIENCE
 from .settings import OperatorSettings
 
 TRAINER_CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
 
 
-def build_config_map(job: FineTuneJob) -> dict:
-    config = trainer_config.render(job, manifest_template(job))
+def build_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict:
+    config = trainer_config.render(job, manifest_template(job), progress_url=settings.progress_url)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -105,6 +106,12 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
             "secret": {"secretName": spec.base_model.credentials_secret, "defaultMode": 0o400},
         })
         volume_mounts.append({"name": "base-model-credentials", "mountPath": trainer_config.TOKEN_DIR, "readOnly": True})
+    if settings.progress_url:
+        # A token the kubelet binds to this pod, for the operator's progress endpoint only: the
+        # operator checks it with a TokenReview and accepts reports only from this job's pods.
+        volumes.append({"name": "progress-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": PROGRESS_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}})
+        volume_mounts.append({"name": "progress-token", "mountPath": trainer_config.PROGRESS_TOKEN_DIR, "readOnly": True})
     if spec.resources.accelerator != "none":
         # NCCL needs far more shared memory than a container's default 64 MiB.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

@@ -9,6 +9,7 @@ that cannot be pulled, a missing ConfigMap or Secret.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,11 +44,26 @@ def _waiting(pod: dict) -> dict | None:
     return None
 
 
+def _reported(term: dict) -> tuple[int | None, str]:
+    """Exit code and message, preferring what the trainer wrote to its termination message:
+    under torchrun the container's own exit code is 1 whatever the trainer exited with."""
+    code, text = term.get("exitCode"), (term.get("message") or "").strip()
+    if text.startswith("{"):
+        try:
+            reported = json.loads(text)
+        except json.JSONDecodeError:
+            return code, text
+        if isinstance(reported, dict) and "error" in reported:
+            return reported.get("exitCode", code), str(reported["error"])
+    return code, text
+
+
 def classify(pod: dict) -> Failure:
     """Classify one failed trainer pod."""
     name = pod["metadata"]["name"]
     term = _terminated(pod) or {}
-    code, reason, text = term.get("exitCode"), term.get("reason") or "", (term.get("message") or "").strip()
+    code, text = _reported(term)
+    reason = term.get("reason") or ""
     detail = f"pod {name}: exit code {code} ({reason or 'Error'})" + (f": {text[:2000]}" if text else "")
     disruption = next((c for c in pod.get("status", {}).get("conditions", []) or []
                        if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
@@ -77,7 +93,10 @@ def fatal_problem(pods: list[dict], now: datetime) -> Failure | None:
         phase = pod.get("status", {}).get("phase")
         if phase == "Failed":
             failure = classify(pod)
-            if not failure.retryable and failure.reason != "InvalidInput":  # InvalidInput: the pod failure policy
+            # InvalidInput with the container exiting 2 is the pod failure policy's to end; under
+            # torchrun (exit 1) only the termination message tells, so the operator ends it.
+            if not failure.retryable and not (failure.reason == "InvalidInput" and
+                                              (_terminated(pod) or {}).get("exitCode") == EXIT_USER_ERROR):
                 return failure
         waiting = _waiting(pod) if phase == "Pending" else None
         if not waiting:

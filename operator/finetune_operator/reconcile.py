@@ -45,7 +45,7 @@ def build_children(ftj: FineTuneJob, settings: OperatorSettings) -> Children:
     """Every child object, built before any is created, so a bad spec creates nothing."""
     return Children(
         node_pool=provisioning.build_node_pool(ftj, settings),
-        config_map=children.build_config_map(ftj),
+        config_map=children.build_config_map(ftj, settings),
         job=children.build_job(ftj, settings),
         service=children.build_service(ftj) if children.needs_service(ftj) else None,
     )

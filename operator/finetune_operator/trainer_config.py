@@ -17,6 +17,7 @@ from .api import FineTuneJob
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.yaml"
 TOKEN_DIR = "/var/run/secrets/finetune/base-model"
+PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune/progress"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9090
 
@@ -30,12 +31,18 @@ def resolved_sources(job: FineTuneJob, claim_dirs: dict[str, str] | None = None)
     }
 
 
-def in_cluster_reporting() -> dict[str, Any]:
-    return {"metricsPort": METRICS_PORT, "terminationMessagePath": TERMINATION_LOG}
+def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, Any]:
+    reporting: dict[str, Any] = {"metricsPort": METRICS_PORT, "terminationMessagePath": TERMINATION_LOG}
+    if progress_url:
+        reporting["progressUrl"] = (f"{progress_url.rstrip('/')}/v1/namespaces/{job.metadata.namespace}"
+                                    f"/finetunejobs/{job.metadata.name}/progress")
+        reporting["progressTokenFile"] = f"{PROGRESS_TOKEN_DIR}/token"
+    return reporting
 
 
 def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None, *,
-           claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None) -> dict[str, Any]:
+           claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None,
+           progress_url: str = "") -> dict[str, Any]:
     """The trainer config as a plain dict (camelCase), validated by the trainer's schema.
 
     In a pod (the default) URIs resolve to the pod's mount paths; a local run passes
@@ -61,7 +68,7 @@ def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None, *,
         "distributed": {"zeroStage": spec.distributed.zero_stage, "offload": spec.distributed.offload},
         "output": {"dir": resolved["output"].value},
         "checkpointing": spec.checkpointing.to_wire(),
-        "reporting": reporting if reporting is not None else in_cluster_reporting(),
+        "reporting": reporting if reporting is not None else in_cluster_reporting(job, progress_url),
         "modelManifest": model_manifest,
     }
     return JobConfig.model_validate(config).model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -14,7 +14,7 @@ def container(job):
 
 
 def test_config_map_carries_the_rendered_trainer_config():
-    cm = children.build_config_map(make_job())
+    cm = children.build_config_map(make_job(), SETTINGS)
     config = yaml.safe_load(cm["data"]["config.yaml"])
     assert cm["metadata"]["name"] == "demo-trainer-config"
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -106,4 +106,19 @@ def test_deadline_maps_to_the_job():
 ])
 def test_unsupported_sources_are_refused_before_anything_is_built(field, value, message):
     with pytest.raises(UnsupportedSource, match=message.replace("(", r"\(")):
-        children.build_config_map(make_job(**{field: value}))
+        children.build_config_map(make_job(**{field: value}), SETTINGS)
+
+
+def test_progress_channel_is_a_pod_bound_token_for_the_operator():
+    settings = OperatorSettings(progress_url="http://finetune-operator.system.svc:8082/")
+    ftj = make_job()
+    config = yaml.safe_load(children.build_config_map(ftj, settings)["data"]["config.yaml"])
+    assert config["reporting"]["progressUrl"] == \
+        "http://finetune-operator.system.svc:8082/v1/namespaces/team-a/finetunejobs/demo/progress"
+    assert config["reporting"]["progressTokenFile"] == "/var/run/secrets/finetune/progress/token"
+    pod = children.build_job(ftj, settings)["spec"]["template"]["spec"]
+    (projected,) = [v for v in pod["volumes"] if v["name"] == "progress-token"]
+    assert projected["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "finetune.ai/progress"
+    assert pod["automountServiceAccountToken"] is False  # no API token, only the progress one
+    no_progress = yaml.safe_load(children.build_config_map(ftj, SETTINGS)["data"]["config.yaml"])
+    assert "progressUrl" not in no_progress["reporting"]

@@ -43,3 +43,10 @@ def test_job_failure_reasons():
     assert failures.job_failure({"reason": "PodFailurePolicy"}, [failed(2, message="bad line 4")]).reason == "InvalidInput"
     exhausted = failures.job_failure({"reason": "BackoffLimitExceeded", "message": "limit"}, [failed(1, message="boom")])
     assert exhausted.reason == "BackoffLimitExceeded" and "last failure: TrainerError" in exhausted.message
+
+
+def test_torchrun_hides_the_exit_code_but_the_message_tells():
+    under_torchrun = failed(1, message='{"error": "dataset /d.jsonl line 4: not JSON", "exitCode": 2}')
+    failure = failures.classify(under_torchrun)
+    assert failure.reason == "InvalidInput" and "line 4: not JSON" in failure.message and '"error"' not in failure.message
+    assert failures.fatal_problem([under_torchrun], NOW).reason == "InvalidInput"
