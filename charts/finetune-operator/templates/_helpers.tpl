@@ -21,18 +21,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The rules the operator needs wherever it watches FineTuneJobs. */}}
 {{- define "finetune-operator.watchRules" -}}
+# delete: ttlSecondsAfterFinished removes finished jobs.
 - apiGroups: [finetune.ai]
   resources: [finetunejobs]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [finetune.ai]
   resources: [finetunejobs/status, models/status]
   verbs: [get, patch]
 - apiGroups: [finetune.ai]
   resources: [models]
   verbs: [get, list, watch, create]
+# patch: suspend/resume and activeDeadlineSeconds are carried over to the trainer Job.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, list, create]
