@@ -14,6 +14,8 @@
 #      it with `kubectl finetune watch`;
 #   6. checks the published Model: Ready, its digest equal to the adapter file's on disk.
 #
+# The operator watches only the `default` namespace (a Role there, nothing cluster-wide), so a
+# demo left running never competes with the operators the tests start in their own namespaces.
 # Everything it starts logs under .cluster/logs/ and keeps running afterwards, so you can look
 # around; `make cluster-down` stops it all (the process node exits with the API server).
 # The trained adapter stays in .demo/models/quickstart/.
@@ -74,7 +76,8 @@ kubectl wait --for=condition=Ready node/local-0 --timeout=5s >/dev/null
 
 say "Installing the operator with Helm (charts/finetune-operator) into $OPERATOR_NAMESPACE"
 helm upgrade --install "$RELEASE" charts/finetune-operator --namespace "$OPERATOR_NAMESPACE" --create-namespace \
-  --values charts/finetune-operator/ci/process-node-values.yaml --wait --timeout 180s >>"$LOGS/helm.log" 2>&1 \
+  --values charts/finetune-operator/ci/process-node-values.yaml --set "watchNamespaces={$NAMESPACE}" \
+  --wait --timeout 180s >>"$LOGS/helm.log" 2>&1 \
   || fail "helm install failed; see $LOGS/helm.log"
 pod=$(kubectl -n "$OPERATOR_NAMESPACE" get pods -l app.kubernetes.io/instance="$RELEASE" \
   --field-selector=status.phase=Running -o jsonpath='{.items[0].metadata.name}')
