@@ -66,9 +66,11 @@ def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace:
                    input=yaml.safe_dump_all(checked), check=False)
     assert proc.returncode == 0, proc.stderr
     if "watchNamespaces" in " ".join(values):
-        assert "ClusterRole" in kinds  # only the Karpenter NodePool part is cluster-wide
-        cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
-        assert [r["metadata"]["name"] for r in cluster_roles] == ["v-finetune-operator-node-pools"]
+        # Namespaced RBAC; cluster-wide only what is cluster-scoped: NodePools and TokenReviews.
+        cluster_roles = {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"}
+        assert cluster_roles == {"v-finetune-operator-node-pools", "v-finetune-operator-token-review"}
+        cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+        assert {res for r in cluster_rules for res in r["resources"]} == {"nodepools", "tokenreviews"}
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
