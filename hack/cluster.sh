@@ -36,7 +36,12 @@ KUBECONFIG_FILE=$CLUSTER_DIR/kubeconfig
 
 say() { echo "cluster: $*" >&2; }
 
-alive() { [ -f "$PIDS/$1" ] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
+# Running, and not a zombie: a killed process whose parent never reaps it still answers kill -0.
+alive() {
+  [ -f "$PIDS/$1" ] || return 1
+  local state; state=$(ps -o stat= -p "$(cat "$PIDS/$1")" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "${state:0:1}" != Z ]
+}
 
 start() { # name command...
   local name=$1; shift
@@ -186,9 +191,9 @@ down() {
   for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [ -f "$PIDS/$name" ] || continue
     pid=$(cat "$PIDS/$name")
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$name"; then
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 50); do alive "$name" || break; sleep 0.1; done
       kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$PIDS/$name"

@@ -162,9 +162,12 @@ def test_api_server_restart_mid_run(kubectl, operator):
     kubectl.create(job_manifest())
     pod = running_pod(kubectl)
     pid = int((REPO / ".cluster" / "pids" / "kube-apiserver").read_text())
-    subprocess.run(["kill", str(pid)], check=True)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 30,
-             what="the API server to stop")
+    subprocess.run(["kill", "-9", str(pid)], check=True)  # a crash, not a drain
+    def stopped():  # gone, or a zombie nobody reaps
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+        return not state or state.startswith("Z")
+
+    wait_for(stopped, 30, what="the API server to stop")
     time.sleep(2)
     subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], check=True, capture_output=True, timeout=120)
     wait_for(lambda: kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 60, what="the API server")
