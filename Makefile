@@ -8,22 +8,26 @@ KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 BIN := $(HOME)/.cache/finetune-operator/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 
-.PHONY: help venv binaries crds check-crds cluster cluster-down operator test test-unit test-integration demo docs trainer-image image clean
+.PHONY: help venv binaries constraints crds check-crds cluster cluster-down operator test test-unit test-integration demo docs trainer-image image clean
 
 help:
 	@echo "make demo | test | cluster | cluster-down | operator | crds | trainer-image | image"
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[trainer,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[trainer,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 binaries:
 	hack/build-binaries.sh >/dev/null
+
+# Pin the versions the suite passes with, for the images.
+constraints: venv
+	$(PY) -m pip freeze --exclude-editable > constraints.txt
 
 crds: venv
 	$(PY) -m finetune_operator.crdgen
