@@ -63,9 +63,15 @@ def kubectl(kubeconfig: str, namespace: str) -> Kubectl:
 
 
 @pytest.fixture
-def operator(kubeconfig: str, namespace: str, tmp_path: Path, request) -> OperatorProcess:
+def operator_env() -> dict[str, str]:
+    """Extra environment (operator settings) for the `operator` fixture; modules override it."""
+    return {}
+
+
+@pytest.fixture
+def operator(kubeconfig: str, namespace: str, tmp_path: Path, request, operator_env) -> OperatorProcess:
     """A running operator watching only this test's namespace; its log is shown on failure."""
-    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
+    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", env=operator_env).start()
     op.wait_leading()
     yield op
     op.stop()

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,3 +146,72 @@ class OperatorProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class ProcessNode:
+    """`python -m process_node` (hack/process_node) for one test: a node whose pods really run,
+    as local processes, logging under the test's directory."""
+
+    def __init__(self, kubeconfig: str, root: Path, prefix: str, args: list[str] | None = None,
+                 taint_key: str | None = None) -> None:
+        self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.taint_key = taint_key
+        self.kubeconfig = kubeconfig
+        self.state_dir = root / "state"
+        self.log_path = root / "process-node.log"
+        self.args = [*(args or []), *(["--taint", f"{taint_key}=true:NoSchedule"] if taint_key else [])]
+        self.kubectl = Kubectl(kubeconfig)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ProcessNode":
+        env = {**os.environ, "PYTHONPATH": str(REPO / "hack")}
+        env.pop("KUBECONFIG", None)  # the node uses --kubeconfig, nothing else
+        cmd = [sys.executable, "-m", "process_node", "--kubeconfig", self.kubeconfig, "--node-name", self.name,
+               "--state-dir", str(self.state_dir), "--log-file", str(self.log_path), *self.args]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        wait_for(self._ready, 30, what=f"process node {self.name} Ready")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"process node exited {self.proc.returncode}: {self.proc.stderr.read().decode()}; "
+                                 f"log: {self.log_path}")
+        node = self.kubectl.get("node", self.name) or {}
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up (containers die through their parent-death signal)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def placement(self) -> dict:
+        """nodeSelector (and toleration, when tainted) that put a pod on this node."""
+        placement: dict = {"nodeSelector": {"kubernetes.io/hostname": self.name}}
+        if self.taint_key:
+            placement["tolerations"] = [{"key": self.taint_key, "operator": "Exists", "effect": "NoSchedule"}]
+        return placement
+
+    def delete(self) -> None:
+        self.kubectl("delete", "node", self.name, "--ignore-not-found", "--wait=false", check=False)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def container_log(self, namespace: str, pod_prefix: str) -> str:
+        logs = sorted((self.state_dir / "logs").glob(f"{namespace}_{pod_prefix}*/*.log"))
+        return "\n".join(p.read_text(errors="replace") for p in logs)

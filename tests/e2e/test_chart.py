@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetools import KUBECTL, REPO, VENV_BIN, Kubectl, free_port, wait_for
+from kubetools import REPO, VENV_BIN, Kubectl, free_port, wait_for
 
 from conftest import CHART
 

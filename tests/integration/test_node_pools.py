@@ -11,7 +11,7 @@ import time
 import pytest
 from test_operator import RESULT, condition, finish_pod, job_manifest, running_pod, wait_phase
 
-from kubetools import Kubectl, OperatorProcess, wait_for
+from kubetools import Kubectl, wait_for
 
 KARPENTER_ENV = {
     "FINETUNE_KARPENTER_NODE_CLASS": json.dumps({"group": "karpenter.kwok.sh", "kind": "KWOKNodeClass", "name": "default"}),
@@ -32,14 +32,8 @@ def karpenter(kubeconfig):
 
 
 @pytest.fixture
-def operator(kubeconfig, namespace, tmp_path, request):
-    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", env=KARPENTER_ENV).start()
-    op.wait_leading()
-    yield op
-    op.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"\n----- operator log -----\n{op.log[-8000:]}")
+def operator_env():
+    return KARPENTER_ENV
 
 
 def node_pools(cluster: Kubectl, uid: str) -> list[dict]:
