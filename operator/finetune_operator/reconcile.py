@@ -100,7 +100,8 @@ async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> Non
 
 async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings: OperatorSettings,
                 trainer_job: str | None = None) -> None:
-    obs = status.Observation("Failed", reason, message)
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    obs = status.Observation("Failed", reason, message, completion_time=now)
     await _write_status(raw, ftj, obs, trainer_job, settings)
 
 

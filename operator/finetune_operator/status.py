@@ -220,8 +220,10 @@ def status_patch(obs: Observation, ftj: FineTuneJob, trainer_job: str | None, no
         "observedGeneration": ftj.metadata.generation,
         "trainerJob": trainer_job,
     }
-    if obs.start_time:
-        patch["startTime"] = obs.start_time
+    # startTime: when the trainer first ran (not when the Job was created), kept across retries.
+    now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+    if ftj.status.start_time is None and obs.running:
+        patch["startTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     if obs.completion_time:
         patch["completionTime"] = obs.completion_time
     if obs.phase == "Succeeded":

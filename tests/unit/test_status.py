@@ -105,3 +105,14 @@ def test_suspended_once_pods_are_gone():
     assert status.observe(ftj, suspended_job, [pod("Running")]).reason == "Suspending"
     obs = status.observe(ftj, suspended_job, [])
     assert (obs.phase, obs.reason) == ("Suspended", "Suspended")
+
+
+def test_start_time_is_when_the_trainer_first_ran():
+    ftj = make_job()
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    pending = status.Observation("Pending", "WaitingForPods", "m", start_time="2025-12-31T23:00:00Z")
+    assert "startTime" not in status.status_patch(pending, ftj, "demo-trainer", t0)
+    running = status.Observation("Running", "TrainerRunning", "m", running=True)
+    assert status.status_patch(running, ftj, "demo-trainer", t0)["startTime"] == "2026-01-01T00:00:00Z"
+    ftj.status.start_time = t0
+    assert "startTime" not in status.status_patch(running, ftj, "demo-trainer", t0)  # kept across retries
