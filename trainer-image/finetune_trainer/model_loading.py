@@ -130,6 +130,13 @@ def load_tokenizer(config: BaseModelConfig, model_dir: Path | None):
 def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodConfig, device: torch.device):
     dtype = training_dtype(device)
     attention = attention_implementation(device)
+    if attention == "sdpa" and device.type == "cuda":
+        # Packed rows reach SDPA with a block-diagonal mask and a width that changes from step
+        # to step. On Hopper PyTorch sends masked SDPA to cuDNN, which builds a new execution
+        # plan for each new shape: seconds of host time with the GPU idle (bench/README.md,
+        # profile of llama-8b on the variable-length mix). The memory-efficient kernel takes
+        # the same masks without per-shape plans. Kept because the benchmark shows it pays.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if config.preset_name is not None and method.type != "qlora":
         model, _ = presets.build_preset(config.preset_name, dtype, device)
         model.config._attn_implementation = attention
