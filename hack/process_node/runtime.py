@@ -16,6 +16,11 @@ from pathlib import Path
 from process_node.podstatus import Terminated, now
 
 SANDBOX = Path(__file__).with_name("sandbox.py")
+# What a container runs is this node's own Python environment (there is no image): the venv, the
+# interpreter it was made from, and the repository its editable install points into. A volume
+# mounted over one of their ancestors (an emptyDir on /tmp while the checkout is under /tmp)
+# would hide them, so the sandbox binds them back on top.
+RUNTIME_PATHS = sorted({sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[2])})
 MAX_MESSAGE = 4096          # kubelet: MaxContainerTerminationMessageLength
 FALLBACK_LOG_LINES = 80     # kubelet: MaxContainerTerminationMessageLogLines
 FALLBACK_LOG_BYTES = 2048   # kubelet: MaxContainerTerminationMessageLogLength
@@ -84,7 +89,8 @@ class Process:
         if spec.termination_message_path:
             mounts.append({"source": str(self.message_file), "target": spec.termination_message_path})
         launch = {"command": spec.command, "env": spec.env, "workingDir": spec.working_dir, "mounts": mounts,
-                  "scratch": str(spec.scratch_dir), "startError": str(spec.container_dir / "start-error")}
+                  "scratch": str(spec.scratch_dir), "startError": str(spec.container_dir / "start-error"),
+                  "keepVisible": RUNTIME_PATHS}
         spec_file = spec.container_dir / "launch.json"
         spec_file.write_text(json.dumps(launch, indent=1))
         with open(spec.log_path, "ab") as out:

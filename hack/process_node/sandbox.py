@@ -8,7 +8,11 @@ container's environment):
 SPEC is written by `runtime.py`:
     {"command": [...], "env": {...}, "workingDir": "/...", "scratch": "/state/pods/UID/ns",
      "startError": "/state/pods/UID/containers/NAME/start-error",
-     "mounts": [{"source": "/host/dir", "target": "/etc/finetune", "readOnly": true}]}
+     "mounts": [{"source": "/host/dir", "target": "/etc/finetune", "readOnly": true}],
+     "keepVisible": ["/path/to/venv", ...]}
+
+Host directories in keepVisible (the node's own Python environment, which the container runs)
+are bound back, read-only, wherever a volume's mountPath would otherwise hide them.
 
 Each volume is bind-mounted at its mountPath inside a new mount namespace with private
 propagation, so nothing is mounted on the host. A mountPath whose parent directories do not
@@ -150,10 +154,16 @@ def prepare(spec: dict) -> None:
     # Open every source (in the new namespace: bind mounts refuse sources from another one)
     # before anything is mounted, since later mounts may hide the paths.
     fds = [os.open(m["source"], os.O_PATH) for m in mounts]
+    targets = [os.path.normpath(m["target"]) for m in mounts]
+    hidden = [p for p in map(os.path.normpath, spec.get("keepVisible", []))
+              if any(_under(p, t) and p != t for t in targets)]
+    hidden_fds = [os.open(p, os.O_PATH | os.O_DIRECTORY) for p in hidden]
     ns.mount_scratch()
-    for m, fd in zip(mounts, fds):
-        ns.bind(fd, os.path.normpath(m["target"]), is_file=not stat.S_ISDIR(os.fstat(fd).st_mode),
-                read_only=bool(m.get("readOnly")))
+    for m, target, fd in zip(mounts, targets, fds):
+        ns.bind(fd, target, is_file=not stat.S_ISDIR(os.fstat(fd).st_mode), read_only=bool(m.get("readOnly")))
+        os.close(fd)
+    for path, fd in zip(hidden, hidden_fds):
+        ns.bind(fd, path, is_file=False, read_only=True)
         os.close(fd)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetools import Kubectl, wait_for
+from kubetools import REPO, Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,11 +75,15 @@ def test_pod_runs_with_config_env_and_pvc(process_node, kubectl: Kubectl, namesp
     kubectl.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
                     "data": {"config.json": '{"lr": 0.1}', "lr": "0.1", "unused": "x"}})
     pvc_bound_to_host_dir(kubectl, namespace, "data", process_node.data_dir)
-    script = """
+    # The emptyDir on /tmp is empty but for the node's own Python environment, which the node
+    # binds back on top when it lives under /tmp (a checkout there).
+    runtime_under_tmp = sorted({Path(p).parts[2] for p in {sys.prefix, sys.base_prefix, str(REPO)}
+                                if Path(p).is_relative_to("/tmp") and len(Path(p).parts) > 2})
+    script = f"RUNTIME_UNDER_TMP = {runtime_under_tmp!r}\n" + textwrap.dedent("""
         import json, os, sys
         config = json.load(open("/etc/finetune/trainer.json"))
         assert not os.path.exists("/etc/finetune/unused"), "items must be honoured"
-        assert os.listdir("/tmp") == [], os.listdir("/tmp")
+        assert sorted(os.listdir("/tmp")) == RUNTIME_UNDER_TMP, os.listdir("/tmp")
         try:
             open("/etc/finetune/x", "w")
             sys.exit("config volume is writable")
@@ -90,7 +94,7 @@ def test_pod_runs_with_config_env_and_pvc(process_node, kubectl: Kubectl, namesp
         open("/mnt/pvc/data/out.json", "w").write(json.dumps(out))
         open("/dev/termination-log", "w").write(json.dumps({"ok": True}))
         print("runner finished", flush=True)
-    """
+    """)
     manifest = pod("runner", process_node.name, script, via_scheduler=True,
                    args=["$(GREETING)-$(LR)", "$$(LR)", "$(UNKNOWN)"],
                    env=[{"name": "GREETING", "value": "hello"},
