@@ -1,8 +1,10 @@
 """Kopf handlers: thin entry points that hand every FineTuneJob to `reconcile`.
 
-Three triggers feed the same level-triggered reconcile: the FineTuneJob itself (create, resume
-after an operator restart, and spec edits the CRD allows), any change of a trainer Job it owns,
-and a periodic resync that makes a missed watch event harmless.
+Four triggers feed the same level-triggered reconcile: the FineTuneJob itself (create, resume
+after an operator restart, and the lifecycle edits the CRD allows), any change of a trainer Job
+it owns, a periodic resync that makes a missed watch event harmless, and, for finished jobs with
+ttlSecondsAfterFinished, a timer that expires them. Deleting a job with a Karpenter pool runs one
+more handler, behind a finalizer, that releases the pool.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ async def finetunejob_changed(name: str, namespace: str, **_) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
-async def trainer_job_changed(labels: dict, namespace: str, type: str | None, **_) -> None:
+async def trainer_job_changed(labels: dict, namespace: str, **_) -> None:
     await reconcile(namespace, labels[JOB_LABEL], operator_settings)
 
 
