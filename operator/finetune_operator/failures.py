@@ -30,7 +30,8 @@ class Failure:
     retryable: bool
 
 
-def _terminated(pod: dict) -> dict | None:
+def terminated(pod: dict) -> dict | None:
+    """The trainer container's terminated state (current, or the last one)."""
     for status in pod.get("status", {}).get("containerStatuses", []) or []:
         if status.get("name") == "trainer":
             return status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
@@ -61,7 +62,7 @@ def _reported(term: dict) -> tuple[int | None, str]:
 def classify(pod: dict) -> Failure:
     """Classify one failed trainer pod."""
     name = pod["metadata"]["name"]
-    term = _terminated(pod) or {}
+    term = terminated(pod) or {}
     code, text = _reported(term)
     reason = term.get("reason") or ""
     detail = f"pod {name}: exit code {code} ({reason or 'Error'})" + (f": {text[:2000]}" if text else "")
@@ -83,7 +84,7 @@ def classify(pod: dict) -> Failure:
 
 def latest_failure(pods: list[dict]) -> Failure | None:
     failed = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
-    failed.sort(key=lambda p: (_terminated(p) or {}).get("finishedAt") or p["metadata"].get("creationTimestamp", ""))
+    failed.sort(key=lambda p: (terminated(p) or {}).get("finishedAt") or p["metadata"].get("creationTimestamp", ""))
     return classify(failed[-1]) if failed else None
 
 
@@ -96,7 +97,7 @@ def fatal_problem(pods: list[dict], now: datetime) -> Failure | None:
             # InvalidInput with the container exiting 2 is the pod failure policy's to end; under
             # torchrun (exit 1) only the termination message tells, so the operator ends it.
             if not failure.retryable and not (failure.reason == "InvalidInput" and
-                                              (_terminated(pod) or {}).get("exitCode") == EXIT_USER_ERROR):
+                                              (terminated(pod) or {}).get("exitCode") == EXIT_USER_ERROR):
                 return failure
         waiting = _waiting(pod) if phase == "Pending" else None
         if not waiting:

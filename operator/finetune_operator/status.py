@@ -42,15 +42,6 @@ def job_finished(job: dict) -> bool:
     return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
 
 
-def _terminated(pod: dict) -> dict | None:
-    for status in pod.get("status", {}).get("containerStatuses", []) or []:
-        if status.get("name") == "trainer":
-            state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
-            if state:
-                return state
-    return None
-
-
 def _by_index(pods: list[dict]) -> list[dict]:
     def index(pod: dict) -> int:
         value = pod.get("metadata", {}).get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "0")
@@ -65,11 +56,11 @@ def stale_gang_members(pods: list[dict]) -> list[str]:
     torchrun cannot carry on with a member missing, so one failed pod ends the whole attempt: the
     live pods created before the latest failure are deleted, the Job controller recreates every
     index, and the new attempt resumes from the latest checkpoint together."""
-    failures = [(_terminated(p) or {}).get("finishedAt") or p["metadata"].get("creationTimestamp", "")
+    finished = [(failures.terminated(p) or {}).get("finishedAt") or p["metadata"].get("creationTimestamp", "")
                 for p in pods if p.get("status", {}).get("phase") == "Failed"]
-    if not failures:
+    if not finished:
         return []
-    latest_failure = max(failures)
+    latest_failure = max(finished)
     return [p["metadata"]["name"] for p in pods
             if p.get("status", {}).get("phase") in ("Pending", "Running")
             and not p["metadata"].get("deletionTimestamp")
@@ -143,7 +134,7 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
         if not rank0:
             return Observation("Failed", "NoResult", "the trainer Job completed but its pods are gone, so no result can be read",
                                start_time=start_time, completion_time=completion)
-        term = _terminated(rank0[0]) or {}
+        term = failures.terminated(rank0[0]) or {}
         try:
             result = parse_result(term.get("message"))
         except InvalidResult as exc:
