@@ -25,8 +25,9 @@ class Case:
     data: str             # fixed | variable
     system: str           # ours | hf-baseline
     seq_len: int = 2048
-    variant: str = "default"  # ours: "default" (trainer defaults) or tokens like mb2-nogc-liger
-    warmup: int = 3       # steps skipped (allocator warm-up, cuDNN/cuBLAS heuristics, compile)
+    variant: str = "default"  # ours: "default" (trainer defaults) or tokens like mb2-nogc (parse_variant)
+    gpus: int = 1         # ours only: processes (one per GPU) under torchrun, data parallel
+    warmup: int = 3       # steps skipped (allocator warm-up, cuBLAS heuristics, torch.compile)
     measure: int = 8      # steps timed
     profile: bool = False  # profile 2 extra steps after the measured ones
     lora_r: int = 16
@@ -35,6 +36,8 @@ class Case:
     @property
     def name(self) -> str:
         parts = [self.model, self.method, self.data, str(self.seq_len), self.system]
+        if self.gpus > 1:
+            parts.append(f"{self.gpus}gpu")
         if self.system == "ours":
             parts.append(self.variant)
         return "_".join(parts)
@@ -48,27 +51,39 @@ class Case:
 
 
 def parse_variant(variant: str) -> dict:
-    """'default' = the trainer's config defaults (micro-batch 4, gradient checkpointing on).
+    """'default' = the trainer's config defaults, untouched (micro-batch 4; gradient
+    checkpointing, LoRA dropout, torch.compile and ZeRO stage as the trainer chooses).
 
-    Otherwise '-'-joined tokens: mbN (micro-batch), gc / nogc, liger (Liger kernels incl.
-    fused linear+cross-entropy, applied by the harness before the model is built), cudnn
-    (cuDNN SDPA back on after the trainer loads the model: the trainer's behaviour before it
-    turned cuDNN SDPA off).
+    Otherwise '-'-joined tokens that override one setting each:
+      mbN       micro-batch N
+      gc, nogc  gradient checkpointing on every layer / on none (default: only as memory needs)
+      drop05    LoRA dropout 0.05 (the trainer's default before it went to 0)
+      nocompile torch.compile off
+      sdpa      SDPA over padded packed rows instead of the padding-free varlen kernel (the
+                trainer's attention before varlen; cuDNN SDPA off, as the trainer then set it)
+      zN        ZeRO stage N
+      liger     Liger kernels incl. fused linear+cross-entropy, patched in by the harness
+    None means "leave the trainer's default".
     """
-    out = {"micro_batch": 4, "gradient_checkpointing": True, "liger": False, "cudnn_sdpa": False}
+    out = {"micro_batch": 4, "gradient_checkpointing": None, "dropout": None, "compile": None,
+           "sdpa": False, "zero_stage": None, "liger": False}
     if variant == "default":
         return out
     for token in variant.split("-"):
         if token.startswith("mb"):
             out["micro_batch"] = int(token[2:])
-        elif token == "gc":
-            out["gradient_checkpointing"] = True
-        elif token == "nogc":
-            out["gradient_checkpointing"] = False
+        elif token in ("gc", "nogc"):
+            out["gradient_checkpointing"] = token == "gc"
+        elif token == "drop05":
+            out["dropout"] = 0.05
+        elif token == "nocompile":
+            out["compile"] = False
+        elif token == "sdpa":
+            out["sdpa"] = True
+        elif token.startswith("z") and token[1:].isdigit():
+            out["zero_stage"] = int(token[1:])
         elif token == "liger":
             out["liger"] = True
-        elif token == "cudnn":  # re-enable cuDNN SDPA, which the trainer turns off (A/B of that change)
-            out["cudnn_sdpa"] = True
         else:
             raise ValueError(f"unknown variant token {token!r} in {variant!r}")
     return out

@@ -49,14 +49,16 @@ def mirror(out: Path, mirror_dir: str | None) -> None:
 def build_cases(args) -> list[Case]:
     cases = []
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
-    for model, seq_len, method, data, system in itertools.product(
+    for model, seq_len, method, data, system, gpus in itertools.product(
         split(args.models), [int(x) for x in split(args.seq_lens)], split(args.methods), split(args.data),
-        split(args.systems),
+        split(args.systems), [int(x) for x in split(args.gpus)],
     ):
+        if system != "ours" and gpus > 1:
+            continue  # the baseline is the single-GPU reference
         variants = split(args.variants) if system == "ours" else ["default"]
         for variant in variants:
             case = Case(model=model, method=method, data=data, system=system, seq_len=seq_len, variant=variant,
-                        warmup=args.warmup, measure=args.measure, lora_r=args.lora_r)
+                        gpus=gpus, warmup=args.warmup, measure=args.measure, lora_r=args.lora_r)
             case.profile = any(p and p in case.name for p in split(args.profile))
             cases.append(case)
     return cases
@@ -70,6 +72,7 @@ def main() -> int:
     p.add_argument("--systems", default="ours,hf-baseline")
     p.add_argument("--seq-lens", default="2048")
     p.add_argument("--variants", default="default", help="ours only; see common.parse_variant")
+    p.add_argument("--gpus", default="1", help="comma-separated process counts (ours only), e.g. 1,2")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--measure", type=int, default=8)
@@ -95,14 +98,17 @@ def main() -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     status = []
 
-    def run_worker(name: str, extra_args: list[str], timeout: float) -> dict | None:
+    def run_worker(name: str, extra_args: list[str], timeout: float, gpus: int = 1) -> dict | None:
         log_path = raw_dir / f"{run_id}_{name}.log"
         result_path = raw_dir / f".{name}.result.json"
         result_path.unlink(missing_ok=True)
         t0 = time.monotonic()
         with open(log_path, "w") as log:
             try:
-                rc = subprocess.run([sys.executable, str(HERE / "worker.py"), "--result", str(result_path), *extra_args],
+                launcher = [sys.executable]
+                if gpus > 1:
+                    launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+                rc = subprocess.run([*launcher, str(HERE / "worker.py"), "--result", str(result_path), *extra_args],
                                     stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -128,7 +134,7 @@ def main() -> int:
             status.append((case.name, "skipped", 0, None))
             continue
         timeout = min(args.case_timeout_s, max(30.0, args.deadline_s + 50 - elapsed))
-        row = run_worker(case.name, ["--case", case.to_json()], timeout)
+        row = run_worker(case.name, ["--case", case.to_json()], timeout, case.gpus)
         if row:
             row["runId"] = run_id
             append_json_list(out / "summary.json", row)

@@ -140,6 +140,7 @@ def _summarise_profile(prof, wall_s: float, steps: int) -> dict:
 def run_ours(case: Case, work: Path) -> dict:
     import torch
 
+    from finetune_trainer import attention
     from finetune_trainer import engine as engines
     from finetune_trainer import reporting, train
     from finetune_trainer.config import JobConfig
@@ -153,40 +154,54 @@ def run_ours(case: Case, work: Path) -> dict:
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
         log("liger kernels applied")
+    if variant["sdpa"]:
+        # The trainer's attention before the varlen kernel: padded packed rows through SDPA.
+        attention.choose = lambda device: "sdpa"
     mb = variant["micro_batch"]
     probe = sequence_lengths(case.data, 2000, case.seq_len)
-    lengths = sequence_lengths(case.data, examples_needed(case, mb, statistics.mean(probe)), case.seq_len)
+    lengths = sequence_lengths(case.data, case.gpus * examples_needed(case, mb, statistics.mean(probe)), case.seq_len)
     texts = synthetic_texts(lengths)
     data_path = work / "train.jsonl"
     with open(data_path, "w") as f:
         for t in texts:
             f.write(json.dumps({"text": t}) + "\n")
     total_steps = case.warmup + case.measure + (2 if case.profile else 0)
+    lora = {"r": case.lora_r, "alpha": 2 * case.lora_r, "targetModules": ["all-linear"]}
+    if variant["dropout"] is not None:
+        lora["dropout"] = variant["dropout"]
+    training = {
+        "maxSteps": total_steps,
+        "microBatchSize": mb,
+        # one micro-batch per process per optimizer step: step time = one fwd/bwd/update
+        "globalBatchSize": mb * case.gpus,
+        "maxSeqLength": case.seq_len,
+        "packing": True,
+    }
+    for key, name in (("gradient_checkpointing", "gradientCheckpointing"), ("compile", "compile")):
+        if variant[key] is not None:
+            training[name] = variant[key]
+    distributed = dict(case.extra.get("distributed", {}))
+    if variant["zero_stage"] is not None:
+        distributed["zeroStage"] = variant["zero_stage"]
     config = JobConfig.model_validate({
         "jobName": "bench",
         "baseModel": {"source": f"preset://{case.model}"},
         "dataset": {"path": str(data_path), "format": "text", "validationSplit": 0},
-        "method": {"type": case.method, "lora": {"r": case.lora_r, "alpha": 2 * case.lora_r, "dropout": 0.05,
-                                                  "targetModules": ["all-linear"]}},
-        "training": {
-            "maxSteps": total_steps,
-            "microBatchSize": mb,
-            "globalBatchSize": mb,  # one micro-batch per optimizer step: step time = one fwd/bwd/update
-            "maxSeqLength": case.seq_len,
-            "packing": True,
-            "gradientCheckpointing": variant["gradient_checkpointing"],
-        },
+        "method": {"type": case.method, "lora": lora},
+        "training": training,
+        "distributed": distributed,
         "output": {"dir": str(work / "out")},
         "checkpointing": {"everySteps": 10**6},
         "reporting": {"progressFile": str(work / "progress.jsonl")},
-        **({"distributed": case.extra["distributed"]} if "distributed" in case.extra else {}),
     })
     steps: list[dict] = []
     peak = {}
+    started = {}
     profiler = StepProfiler(case.warmup + case.measure) if case.profile else None
     measured_end = case.warmup + case.measure
 
     original_step = reporting.Reporter.step
+    original_started = reporting.Reporter.started
 
     def step(self, **kw):
         steps.append({"seconds": kw["step_seconds"], "tokens": kw["tokens"], "loss": kw["loss"]})
@@ -199,25 +214,33 @@ def run_ours(case: Case, work: Path) -> dict:
             profiler.on_step_end(len(steps))
         return result
 
+    def on_started(self, *args, **kw):
+        started.update(kw)
+        return original_started(self, *args, **kw)
+
     original_build = engines.build_engine
 
-    def build_engine(*args, **kwargs):
-        engine = original_build(*args, **kwargs)
-        if variant["cudnn_sdpa"]:
-            torch.backends.cuda.enable_cudnn_sdp(True)
-        log(f"cuDNN SDPA enabled: {torch.backends.cuda.cudnn_sdp_enabled()}")
+    def build_engine(model, *args, **kwargs):
+        engine = original_build(model, *args, **kwargs)
         cuda('synchronize')
         cuda('reset_peak_memory_stats')
         trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
-        log(f"engine built; trainable parameters {trainable}; memory now {cuda('memory_allocated') / GiB:.2f} GiB")
+        log(f"engine built; attention {model.config._attn_implementation}; trainable parameters {trainable}; "
+            f"memory now {cuda('memory_allocated') / GiB:.2f} GiB")
         return engine
 
     reporting.Reporter.step = step
+    reporting.Reporter.started = on_started
     engines.build_engine = build_engine
     train.run(config)
     return {
         "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": config.distributed.zero_stage,
-        "microBatch": mb, "gradientCheckpointing": variant["gradient_checkpointing"],
+        "microBatch": mb, "gpus": case.gpus,
+        "gradientCheckpointing": {True: "all", False: "none", None: "auto"}[config.training.gradient_checkpointing],
+        "checkpointedLayers": started.get("checkpointedLayers"),
+        "loraDropout": config.method.lora.dropout,
+        "compile": config.training.compile is not False and torch.cuda.is_available(),
+        "attention": attention.choose(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "profile": profiler.summary if profiler else None,
     }
 
@@ -304,8 +327,9 @@ def run_baseline(case: Case, work: Path) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[Timer()])
     trainer.train()
     return {
-        "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": 0, "microBatch": 1,
-        "gradientCheckpointing": False, "measure": measure,
+        "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": 0, "microBatch": 1, "gpus": 1,
+        "gradientCheckpointing": "none", "checkpointedLayers": 0, "loraDropout": 0.05, "compile": False,
+        "attention": "sdpa", "measure": measure,
         "profile": profiler.summary if profiler else None,
     }
 
@@ -347,7 +371,8 @@ def summarise(case: Case, raw: dict) -> dict:
         raise RuntimeError(f"only {len(raw['steps'])} steps ran, {case.warmup + measure} needed")
     seconds = sum(s["seconds"] for s in measured)
     tokens = sum(s["tokens"] for s in measured)
-    tps = tokens / seconds
+    gpus = raw["gpus"]
+    tps = tokens / seconds / gpus  # tokens are summed over all processes (train.py all-reduces them)
     lengths = raw["lengths"]
     attn_ctx = sum(n * n for n in lengths) / sum(lengths)
     shape = dict(model_shape(case.model))
@@ -362,7 +387,7 @@ def summarise(case: Case, raw: dict) -> dict:
         "model": case.model,
         "method": case.method,
         "zeroStage": raw["zeroStage"],
-        "gpus": 1,
+        "gpus": gpus,
         "seqLen": case.seq_len,
         "data": case.data,
         "system": case.system,
@@ -374,6 +399,10 @@ def summarise(case: Case, raw: dict) -> dict:
         "variant": case.variant if case.system == "ours" else "kaito-defaults",
         "microBatch": raw["microBatch"],
         "gradientCheckpointing": raw["gradientCheckpointing"],
+        "checkpointedLayers": raw["checkpointedLayers"],
+        "loraDropout": raw["loraDropout"],
+        "compile": raw["compile"],
+        "attention": raw["attention"],
         "stepTimeMedianS": round(statistics.median(s["seconds"] for s in measured), 4),
         "realTokensPerStepMean": round(tokens / len(measured), 1),
         "measuredSteps": len(measured),
@@ -381,8 +410,6 @@ def summarise(case: Case, raw: dict) -> dict:
         "peakReservedGiB": round(raw["peak"]["reserved"] / GiB, 2),
         "gflopsPerTokenMethodAware": round(flops["flopsMethodAware"] / 1e9, 2),
         "gflopsPerToken6N": round(flops["flops6N"] / 1e9, 2),
-        # the SDPA backends the step ran with (the trainer turns cuDNN SDPA off; see README)
-        "cudnnSdpa": bool(torch.backends.cuda.cudnn_sdp_enabled()),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "case": case.name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -411,7 +438,8 @@ def main() -> int:
             raw = (run_ours if case.system == "ours" else run_baseline)(case, Path(tmp))
         out = summarise(case, raw)
         log("result " + json.dumps({k: v for k, v in out.items() if k != "profile"}))
-    Path(args.result).write_text(json.dumps(out))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs the case; one reports
+        Path(args.result).write_text(json.dumps(out))
     return 0
 
 

@@ -136,7 +136,7 @@ def test_packed_batch_gives_the_same_results_as_separate_sequences(tokenizer, fl
     from finetune_trainer.config import MethodConfig
 
     model, _ = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
-    model = prepare_for_training(model, MethodConfig(type="full"), gradient_checkpointing=False)
+    model = prepare_for_training(model, MethodConfig(type="full"), enable_checkpointing=False)
     model.eval()
     cpu = torch.device("cpu")
     sequences = tokenize_all(arithmetic_chat(5, seed=3), "chat", tokenizer, 128)

@@ -12,8 +12,10 @@ from finetune_trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_checkpointing: bool) -> torch.nn.Module:
-    if gradient_checkpointing:
+def prepare_for_training(model: torch.nn.Module, method: MethodConfig, enable_checkpointing: bool) -> torch.nn.Module:
+    """enable_checkpointing turns gradient checkpointing on for every decoder layer;
+    activation_memory.plan then decides which layers keep it."""
+    if enable_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads
         # hack) and with ZeRO-3's parameter gathering.
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
@@ -32,7 +34,7 @@ def prepare_for_training(model: torch.nn.Module, method: MethodConfig, gradient_
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
+            use_gradient_checkpointing=enable_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     targets = method.lora.target_modules

@@ -74,28 +74,36 @@ class StepPlan:
 class Collator:
     """Rows -> model inputs.
 
-    packing, flatten=True (FlashAttention-2): padding-free. All sequences of the micro-batch
-    are concatenated into one row of shape [1, tokens] with position_ids restarting at 0 for
-    each sequence (transformers' DataCollatorWithFlattening), which FlashAttention-2 runs as
-    varlen kernels: no pad token is computed and no token attends across sequences.
+    flatten=True (a padding-free attention, see attention.py): every sequence of the
+    micro-batch is concatenated into one row of shape [1, tokens], with position_ids
+    restarting at 0 for each sequence and the boundaries passed as cu_seq_lens (transformers'
+    DataCollatorWithFlattening). The varlen kernel runs each sequence on its own: no pad
+    token is computed and no token attends across sequences. This holds with and without
+    packing; packing only decides how many sequences a row (and so a micro-batch) holds.
 
-    packing, flatten=False (SDPA/eager, e.g. CPU): rows stay rows, [micro, longest row], each
+    flatten=False, packing (SDPA/eager, e.g. CPU): rows stay rows, [micro, longest row], each
     holding several sequences with position_ids restarting at 0 for each; the row's tail
     padding is one more "sequence" with label -100. From the restarting position_ids
     transformers builds a block-diagonal causal mask, so sequences never attend to each other.
-    Keeping rows apart (rather than flattening) keeps SDPA's attention cost per row, since
-    SDPA computes the masked-out blocks too.
 
-    packing=False: one sequence per row, right-padded, with an attention mask.
+    flatten=False, no packing: one sequence per row, right-padded, with an attention mask.
     """
+
+    MODEL_INPUTS = (
+        "input_ids", "labels", "position_ids", "attention_mask",
+        "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    )
 
     def __init__(self, tokenizer, packing: bool, flatten: bool):
         self.packing = packing
         self.flatten = flatten
         self.pad_token_id = tokenizer.pad_token_id
-        if packing and flatten:
+        if flatten:
             self._collate = DataCollatorWithFlattening(
-                return_position_ids=True, separator_id=IGNORE_INDEX, return_tensors="pt"
+                return_position_ids=True,
+                return_flash_attn_kwargs=True,
+                separator_id=IGNORE_INDEX,
+                return_tensors="pt",
             )
         elif not packing:
             self._collate = DataCollatorForSeq2Seq(
@@ -108,7 +116,11 @@ class Collator:
         else:
             features = [{"input_ids": s.input_ids, "labels": s.labels} for row in rows for s in row]
             batch = self._collate(features)
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids", "attention_mask")}
+        inputs = {
+            key: value.to(device) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+            if key in self.MODEL_INPUTS
+        }
         # With a KV cache present transformers ignores packed position_ids when building the
         # attention mask, so sequences would attend to each other. Training never needs the cache.
         inputs["use_cache"] = False

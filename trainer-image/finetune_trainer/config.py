@@ -91,7 +91,7 @@ class DatasetConfig(_Model):
 class LoraConfig(_Model):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="off by default: it costs step time and memory")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -116,8 +116,15 @@ class TrainingConfig(_Model):
     global_batch_size: int = Field(32, ge=1, description="rows per optimizer step, all processes")
     max_seq_length: int = Field(2048, ge=16)
     packing: bool = Field(True, description="pack several examples into each row, padding-free")
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="true: every layer; false: none; null: only as many layers as the GPU's memory "
+        "needs (measured at start-up, see activation_memory)",
+    )
     seed: int = Field(42, ge=0)
+    compile: bool | None = Field(
+        None, description="torch.compile each decoder layer; null: on CUDA GPUs, off on CPU (see compiling)"
+    )
     warmup_steps: int = Field(0, ge=0)
     # Optional additions to the contract.
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from finetune_trainer import attention as attention_choice
 from finetune_trainer import presets
 from finetune_trainer.config import BaseModelConfig, MethodConfig
 from finetune_trainer.errors import ConfigError
@@ -96,23 +97,6 @@ def _quantization_config(method: MethodConfig):
     )
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash_attention_2 where installed (real padding-free varlen kernels), else SDPA.
-
-    Under SDPA, packed rows still train correctly: transformers sees position_ids that restart
-    at each sequence and builds a block-diagonal causal mask, so sequences never attend to each
-    other. It just does not skip the masked blocks the way the varlen kernel does.
-    """
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def load_tokenizer(config: BaseModelConfig, model_dir: Path | None):
     if model_dir is None:
         return presets.build_tokenizer()
@@ -129,13 +113,14 @@ def load_tokenizer(config: BaseModelConfig, model_dir: Path | None):
 
 def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodConfig, device: torch.device):
     dtype = training_dtype(device)
-    attention = attention_implementation(device)
+    attention = attention_choice.choose(device)
     if attention == "sdpa" and device.type == "cuda":
-        # Packed rows reach SDPA with a block-diagonal mask and a width that changes from step
-        # to step. On Hopper PyTorch sends masked SDPA to cuDNN, which builds a new execution
-        # plan for each new shape: seconds of host time with the GPU idle (bench/README.md,
-        # profile of llama-8b on the variable-length mix). The memory-efficient kernel takes
-        # the same masks without per-shape plans. Kept because the benchmark shows it pays.
+        # Only on a GPU without a varlen kernel (torch < 2.10, no flash-attn). Packed rows then
+        # reach SDPA with a block-diagonal mask and a width that changes from step to step. On
+        # Hopper PyTorch sends masked SDPA to cuDNN, which builds a new execution plan for each
+        # new shape: seconds of host time with the GPU idle (bench/README.md, profile of
+        # llama-8b on the variable-length mix). The memory-efficient kernel takes the same
+        # masks without per-shape plans.
         torch.backends.cuda.enable_cudnn_sdp(False)
     if config.preset_name is not None and method.type != "qlora":
         model, _ = presets.build_preset(config.preset_name, dtype, device)

@@ -3,7 +3,8 @@
   1. read and validate the dataset (fails fast, before any model is loaded)
   2. join the process group (torchrun env, or a group of one)
   3. load the base model's tokenizer; tokenize, split, pack
-  4. load the base model and wrap it for the method (LoRA / QLoRA / DoRA / full)
+  4. load the base model and wrap it for the method (LoRA / QLoRA / DoRA / full); choose
+     how many layers need gradient checkpointing
   5. build the DeepSpeed engine (ZeRO 0-3, offload)
   6. resume from the latest complete checkpoint, if any
   7. train: optimizer steps, progress, checkpoints, SIGTERM -> checkpoint and exit 143
@@ -66,8 +67,8 @@ def run(config: JobConfig) -> dict[str, Any]:
     import torch
     import transformers
 
-    from finetune_trainer import adapters, batching, checkpointing, distributed, engine as engines
-    from finetune_trainer import model_loading, outputs
+    from finetune_trainer import activation_memory, adapters, attention, batching, checkpointing, compiling
+    from finetune_trainer import distributed, engine as engines, model_loading, outputs
     from finetune_trainer.reporting import Reporter
 
     # 2. Processes.
@@ -114,7 +115,19 @@ def run(config: JobConfig) -> dict[str, Any]:
         transformers.set_seed(training.seed)
         model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device)
         model.name_or_path = config.base_model.source  # PEFT records it in adapter_config.json
-        model = adapters.prepare_for_training(model, config.method, training.gradient_checkpointing)
+        model = adapters.prepare_for_training(
+            model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
+        )
+        collate = batching.Collator(
+            tokenizer, training.packing, flatten=attention.flattens(model.config._attn_implementation)
+        )
+        # Before the engine: the memory probe runs plain forward/backward passes.
+        checkpointed_layers = activation_memory.plan(
+            model, collate, config, [batching.count_tokens([row]) for row in train_rows], dist.world_size, dist.device
+        )
+
+        if training.compile or (training.compile is None and dist.device.type == "cuda"):
+            compiling.compile_decoder_layers(model)
 
         # 5. Engine.
         engine = engines.build_engine(model, config, plan, dist.device)
@@ -130,9 +143,6 @@ def run(config: JobConfig) -> dict[str, Any]:
             "initialEvalLoss": None,
             "recentLosses": [],
         }
-        flatten = model_loading.attention_implementation(dist.device) == "flash_attention_2"
-        collate = batching.Collator(tokenizer, training.packing, flatten=flatten)
-
         def evaluate() -> float | None:
             if not validation_rows:
                 return None
@@ -145,6 +155,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         reporter.started(
             plan.total_steps, state["step"], resumed=state["step"] > 0,
             examples=len(records), skippedLines=skipped_lines, worldSize=dist.world_size,
+            checkpointedLayers=checkpointed_layers,
         )
 
         # 7. Train.

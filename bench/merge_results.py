@@ -1,0 +1,47 @@
+"""Fold the lanes' result tars that device_run.py left in $OUT into bench/results/.
+
+  python bench/merge_results.py /work/.device/.../files  # the folder the device tool fetched
+
+Appends each lane's summary.json rows and ceilings to bench/results/, skipping rows already
+there (same runId and case), and copies the raw logs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def merge_rows(name: str, rows: list[dict]) -> int:
+    path = RESULTS / name
+    existing = json.loads(path.read_text()) if path.exists() else []
+    seen = {(r.get("runId") or r.get("time"), r.get("case")) for r in existing}
+    new = [r for r in rows if (r.get("runId") or r.get("time"), r.get("case")) not in seen]
+    path.write_text(json.dumps(existing + new, indent=1) + "\n")
+    return len(new)
+
+
+def main() -> int:
+    fetched = Path(sys.argv[1])
+    (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
+    for tar_path in sorted(fetched.rglob("results.tar.gz")):
+        with tempfile.TemporaryDirectory() as tmp, tarfile.open(tar_path) as tar:
+            tar.extractall(tmp, filter="data")
+            lane = Path(tmp) / "results"
+            for name in ("summary.json", "ceilings.json"):
+                if (lane / name).exists():
+                    added = merge_rows(name, json.loads((lane / name).read_text()))
+                    print(f"{tar_path.parent.name}: {added} new rows in {name}")
+            for log in (lane / "raw").glob("*.log"):
+                shutil.copy(log, RESULTS / "raw" / log.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
