@@ -1,22 +1,24 @@
 """Gradient checkpointing only where memory needs it (training.gradientCheckpointing unset).
 
-Checkpointing a decoder layer keeps only its input and recomputes the rest in backward:
-about a third more compute for that layer. On the benchmark's 8B LoRA it cost more than any
-other default (bench/README.md), so the trainer checkpoints the fewest layers that let the
-largest micro-batch fit.
+Checkpointing a decoder layer keeps only its input and recomputes the rest in backward. For
+LoRA, whose backward computes no weight gradients of the frozen base, that is half as much
+again of the layer's compute, so the trainer checkpoints the fewest layers that let the
+largest micro-batch fit (on the benchmark's 8B LoRA this was the largest cost after the
+attention, bench/README.md).
 
-How many is measured, not guessed from a formula: before the engine is built, the model runs
-forward and backward on a few synthetic tokens, three times (no checkpointing at two sizes,
-full checkpointing at one). Peak memory is linear in tokens for a padding-free batch, so
-these give a fixed cost plus a per-token cost with and without checkpointing. The engine's
-own needs (optimizer state, master weights, gradient buckets) and a margin are set aside
-from the GPU's free memory, and the rest decides how many layers keep their activations.
+How many is measured, not guessed from a formula: before the engine is built, the model (already
+compiled, if it is) runs forward and backward on a synthetic micro-batch of the largest size
+the data holds, once with every layer checkpointed and once with none (or half, if none runs
+out of memory). Peak memory is linear in the number of checkpointed layers, so two points give
+the peak of every count. The engine's own needs (master weights, optimizer state, gradient
+partitions and buckets) and a margin are set aside from the GPU's memory; the fewest
+checkpointed layers whose peak fits in the rest win.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-from dataclasses import dataclass
 
 import torch
 
@@ -26,13 +28,6 @@ log = logging.getLogger(__name__)
 
 FRAGMENTATION_MARGIN = 0.10  # of the GPU's memory, for allocator fragmentation and spikes
 ENGINE_BUCKET_BYTES = 2 * 500_000_000 * 2  # DeepSpeed's default reduce + allgather buckets, bf16
-
-
-@dataclass(frozen=True)
-class ActivationProfile:
-    fixed_bytes: float  # independent of tokens (gradients of trainable weights, workspaces)
-    per_token_bytes: float  # no layer checkpointed
-    per_token_bytes_checkpointed: float  # every layer checkpointed
 
 
 def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -47,60 +42,77 @@ def set_checkpointed_layers(model: torch.nn.Module, count: int) -> None:
         layer.gradient_checkpointing = index < count
 
 
-def layers_to_checkpoint(profile: ActivationProfile, tokens: int, budget_bytes: float, layers: int) -> int:
-    """The fewest checkpointed layers (0..layers) whose predicted peak fits in budget_bytes."""
-    saved_per_layer = (profile.per_token_bytes - profile.per_token_bytes_checkpointed) / layers
-    for count in range(layers + 1):
-        per_token = profile.per_token_bytes - count * saved_per_layer
-        if profile.fixed_bytes + tokens * per_token <= budget_bytes:
-            return count
+def layers_to_checkpoint(layers: int, peak_all: float, other: tuple[int, float] | None, budget_bytes: float) -> int:
+    """The fewest checkpointed layers (0..layers) whose peak fits in budget_bytes.
+
+    peak_all: measured peak with every layer checkpointed; other: (count, peak) measured with
+    fewer layers checkpointed, or None when that ran out of memory. Peak is linear in count.
+    """
+    if other is None:
+        return layers
+    count, peak = other
+    saved_per_layer = (peak - peak_all) / (layers - count)
+    for candidate in range(layers + 1):
+        if peak_all + (layers - candidate) * max(saved_per_layer, 0.0) <= budget_bytes:
+            return candidate
     return layers
 
 
 def engine_reserve_bytes(trainable_params: int, zero_stage: int, world_size: int, offload: bool) -> float:
-    """GPU memory the DeepSpeed engine adds after the probe: fp32 master weights and Adam's two
-    moments (partitioned from ZeRO-1 on; on the CPU with offload), plus gradient buckets."""
-    optimizer_bytes = 0 if offload else 12 * trainable_params
+    """GPU memory the DeepSpeed engine adds after the probe, per trainable parameter: fp32
+    master weight (4 bytes), Adam's two moments (8) and the fp32 gradient partition the update
+    reads (4); partitioned across processes from ZeRO-1 on, on the CPU with offload. Plus the
+    bf16 reduce and all-gather buckets. (The probe's backward already held bf16 gradients.)"""
+    per_process = 0.0 if offload else 16.0 * trainable_params
     if zero_stage >= 1:
-        optimizer_bytes /= world_size
-    return optimizer_bytes + ENGINE_BUCKET_BYTES
+        per_process /= world_size
+    return per_process + ENGINE_BUCKET_BYTES
 
 
-def _peak_bytes(model, collate, tokens: int, seq_len: int, vocab: int, device) -> int:
+def synthetic_rows(tokens: int, seq_len: int, vocab: int) -> list[list[Sequence]]:
     generator = torch.Generator().manual_seed(0)
-    sequences = []
-    left = tokens
+    rows, left = [], tokens
     while left > 0:
         length = min(seq_len, left)
         ids = torch.randint(0, vocab, (length,), generator=generator).tolist()
-        sequences.append(Sequence(input_ids=ids, labels=[IGNORE_INDEX] + ids[1:]))
+        rows.append([Sequence(input_ids=ids, labels=[IGNORE_INDEX] + ids[1:])])
         left -= length
-    rows = [[s] for s in sequences]
+    return rows
+
+
+def peak_bytes(model, collate, rows, device) -> int | None:
+    """Peak memory of one forward and backward over rows, above what is allocated now; None if
+    it runs out of memory (nothing is kept: the engine does not exist yet)."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    loss = model(**collate(rows, device)).loss
-    loss.backward()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del loss
+    try:
+        model(**collate(rows, device)).loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    except torch.OutOfMemoryError:
+        peak = None
     for parameter in model.parameters():
         parameter.grad = None
+    gc.collect()  # the exception's frames held activations
+    torch.cuda.empty_cache()
     return peak
 
 
-def profile(model, collate, seq_len: int, probe_tokens: int, vocab: int, device) -> ActivationProfile:
+def measure(model, collate, rows, device) -> tuple[float | None, tuple[int, float] | None]:
+    """(peak with every layer checkpointed, (count, peak) with none or else half checkpointed)."""
     model.train()
-    set_checkpointed_layers(model, 0)
-    small = _peak_bytes(model, collate, probe_tokens, seq_len, vocab, device)
-    large = _peak_bytes(model, collate, 2 * probe_tokens, seq_len, vocab, device)
-    set_checkpointed_layers(model, len(checkpointable_layers(model)))
-    checkpointed = _peak_bytes(model, collate, probe_tokens, seq_len, vocab, device)
-    per_token = (large - small) / probe_tokens
-    fixed = max(0.0, small - probe_tokens * per_token)
-    per_token_checkpointed = max(0.0, (checkpointed - fixed) / probe_tokens)
-    torch.cuda.empty_cache()
-    return ActivationProfile(fixed, per_token, min(per_token, per_token_checkpointed))
+    layers = len(checkpointable_layers(model))
+    set_checkpointed_layers(model, layers)
+    peak_all = peak_bytes(model, collate, rows, device)
+    if peak_all is None:
+        return None, None
+    for count in (0, layers // 2):
+        set_checkpointed_layers(model, count)
+        peak = peak_bytes(model, collate, rows, device)
+        if peak is not None:
+            return peak_all, (count, peak)
+    return peak_all, None
 
 
 def plan(model, collate, config, rows_tokens: list[int], world_size: int, device: torch.device) -> int:
@@ -129,11 +141,13 @@ def plan(model, collate, config, rows_tokens: list[int], world_size: int, device
 
 def _measured_plan(model, collate, config, rows_tokens, world_size, device, layers) -> int:
     training = config.training
-    micro = training.micro_batch_size
-    tokens = sum(sorted(rows_tokens, reverse=True)[:micro])
-    probe_tokens = max(64, min(1024, tokens // 4))
+    tokens = sum(sorted(rows_tokens, reverse=True)[: training.micro_batch_size])
     vocab = model.get_input_embeddings().weight.shape[0]
-    measured = profile(model, collate, training.max_seq_length, probe_tokens, vocab, device)
+    rows = synthetic_rows(tokens, training.max_seq_length, vocab)
+    peak_all, other = measure(model, collate, rows, device)
+    if peak_all is None:
+        log.warning("gradient checkpointing: every layer; even so a micro-batch of %d tokens ran out of memory", tokens)
+        return layers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_memory = torch.cuda.get_device_properties(device).total_memory
     budget = (
@@ -141,11 +155,12 @@ def _measured_plan(model, collate, config, rows_tokens, world_size, device, laye
         - torch.cuda.memory_allocated(device)
         - engine_reserve_bytes(trainable, config.distributed.zero_stage, world_size, config.distributed.offload != "none")
     )
-    count = layers_to_checkpoint(measured, tokens, budget, layers)
+    count = layers_to_checkpoint(layers, peak_all, other, budget)
     log.info(
-        "gradient checkpointing: %d of %d layers for micro-batches of up to %d tokens "
-        "(measured %.0f KiB/token without, %.0f KiB/token with; %.1f GiB budget)",
-        count, layers, tokens, measured.per_token_bytes / 2**10,
-        measured.per_token_bytes_checkpointed / 2**10, budget / 2**30,
+        "gradient checkpointing: %d of %d layers for micro-batches of up to %d tokens (peak %.1f GiB with "
+        "all, %s; %.1f GiB budget)",
+        count, layers, tokens, peak_all / 2**30,
+        f"{other[1] / 2**30:.1f} GiB with {other[0]}" if other else "out of memory with fewer",
+        budget / 2**30,
     )
     return count

@@ -88,10 +88,14 @@ def packed_attention_forward(
     # [1, heads, tokens, dim] -> [tokens, heads, dim], the varlen layout.
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     if q.is_cuda:
+        # FlashAttention takes bf16/fp16 only. QLoRA keeps norms in fp32 (PEFT's k-bit
+        # preparation), so its queries arrive in fp32: compute in bf16, as its matmuls do.
+        kernel_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         out = _torch_varlen_attn()(
-            q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+            q.to(kernel_dtype), k.to(kernel_dtype), v.to(kernel_dtype),
+            cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
             scale=scaling, window_size=(-1, 0),  # (-1, 0): causal
-        )
+        ).to(q.dtype)
     else:
         out = reference_varlen_attention(q, k, v, cu_seq_lens_q, scaling)
     return out.unsqueeze(0), None

@@ -118,16 +118,16 @@ def run(config: JobConfig) -> dict[str, Any]:
         model = adapters.prepare_for_training(
             model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
         )
+        if training.compile or (training.compile is None and dist.device.type == "cuda"):
+            compiling.compile_decoder_layers(model)
         collate = batching.Collator(
             tokenizer, training.packing, flatten=attention.flattens(model.config._attn_implementation)
         )
-        # Before the engine: the memory probe runs plain forward/backward passes.
+        # After compiling (compiled layers keep fewer activations), before the engine (the
+        # memory probe runs plain forward/backward passes).
         checkpointed_layers = activation_memory.plan(
             model, collate, config, [batching.count_tokens([row]) for row in train_rows], dist.world_size, dist.device
         )
-
-        if training.compile or (training.compile is None and dist.device.type == "cuda"):
-            compiling.compile_decoder_layers(model)
 
         # 5. Engine.
         engine = engines.build_engine(model, config, plan, dist.device)
