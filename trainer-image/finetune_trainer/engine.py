@@ -62,6 +62,18 @@ def deepspeed_config(config: JobConfig, plan: StepPlan, device: torch.device) ->
     return ds_config
 
 
+def cast_like_engine(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every floating-point parameter the dtype the engine will give it (bf16 on GPUs;
+    DeepSpeed casts them when it wraps the model). Done before compiling and the memory probe,
+    so both see the final dtypes: PEFT makes adapters fp32, and a graph compiled for fp32
+    adapters fails once the engine has made them bf16."""
+    if device.type != "cuda":
+        return
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != torch.bfloat16:
+            parameter.data = parameter.data.to(torch.bfloat16)
+
+
 def build_engine(model: torch.nn.Module, config: JobConfig, plan: StepPlan, device: torch.device):
     import deepspeed
 

@@ -118,6 +118,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         model = adapters.prepare_for_training(
             model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
         )
+        engines.cast_like_engine(model, dist.device)
         if training.compile or (training.compile is None and dist.device.type == "cuda"):
             compiling.compile_decoder_layers(model)
         collate = batching.Collator(
