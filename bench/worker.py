@@ -140,7 +140,7 @@ def _summarise_profile(prof, wall_s: float, steps: int) -> dict:
 def run_ours(case: Case, work: Path) -> dict:
     import torch
 
-    from finetune_trainer import attention
+    from finetune_trainer import attention, compiling
     from finetune_trainer import engine as engines
     from finetune_trainer import reporting, train
     from finetune_trainer.config import JobConfig
@@ -239,7 +239,8 @@ def run_ours(case: Case, work: Path) -> dict:
         "gradientCheckpointing": {True: "all", False: "none", None: "auto"}[config.training.gradient_checkpointing],
         "checkpointedLayers": started.get("checkpointedLayers"),
         "loraDropout": config.method.lora.dropout,
-        "compile": config.training.compile is not False and torch.cuda.is_available(),
+        "compile": compiling.wanted(config.training.compile, config.method.type, config.distributed.zero_stage,
+                                    torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "attention": attention.choose(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "profile": profiler.summary if profiler else None,
     }

@@ -76,7 +76,7 @@ def classify(pod: dict) -> Failure:
         return Failure("InvalidInput", f"bad configuration or data, retrying cannot help: {detail}", False)
     if reason == "OOMKilled" or "out of memory" in text.lower():
         return Failure("OutOfMemory", f"{detail}. Lower training.microBatchSize or maxSeqLength, enable "
-                       "training.gradientCheckpointing, use distributed.offload, or request more memory", False)
+                       "training.gradientCheckpointing (true: every layer), use distributed.offload, or request more memory", False)
     if code == EXIT_PREEMPTED:
         return Failure("Preempted", f"{detail}; the trainer checkpointed on SIGTERM and the retry resumes", True)
     return Failure("TrainerError", detail, True)

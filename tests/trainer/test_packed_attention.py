@@ -12,18 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune_trainer import attention, batching, presets
-from finetune_trainer.data import IGNORE_INDEX, Sequence
-
-
-def _sequences(lengths, vocab, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    sequences = []
-    for length in lengths:
-        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
-        labels = list(ids)
-        labels[0] = IGNORE_INDEX
-        sequences.append(Sequence(input_ids=ids, labels=labels))
-    return sequences
+from finetune_trainer.data import IGNORE_INDEX
+from trainer_helpers import random_sequences
 
 
 def _per_example_loss_sum(model, sequences):
@@ -41,7 +31,8 @@ def test_flattened_micro_batch_matches_examples_run_alone():
     attention.register()
     model, tokenizer = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
     model.config._attn_implementation = attention.PACKED_ATTENTION
-    rows = [_sequences([7, 19, 3], model.config.vocab_size, seed=1), _sequences([31, 5], model.config.vocab_size, seed=2)]
+    vocab = model.config.vocab_size
+    rows = [random_sequences([7, 19, 3], vocab, seed=1), random_sequences([31, 5], vocab, seed=2)]
     collate = batching.Collator(tokenizer, packing=True, flatten=True)
 
     inputs = collate(rows, torch.device("cpu"))
@@ -57,7 +48,7 @@ def test_flattened_micro_batch_matches_examples_run_alone():
 
 def test_without_packing_sequences_are_still_flattened_without_padding():
     _, tokenizer = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
-    rows = [[s] for s in _sequences([4, 9, 2], 200)]
+    rows = [[s] for s in random_sequences([4, 9, 2], 200)]
     inputs = batching.Collator(tokenizer, packing=False, flatten=True)(rows, torch.device("cpu"))
     assert inputs["input_ids"].shape == (1, 15)
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1]]
@@ -113,33 +104,3 @@ def test_torch_varlen_kernel_matches_reference_with_grouped_query_heads():
     for mine, reference in ((q.grad, rq.grad), (k.grad, rk.grad), (v.grad, rv.grad)):
         assert relative_error(mine, reference) < 1e-2
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_layers_match_eager_and_compile_once_for_changing_shapes():
-    import torch._dynamo
-
-    from finetune_trainer import adapters, compiling
-    from finetune_trainer.config import MethodConfig
-
-    torch._dynamo.reset()
-    device = torch.device("cuda")
-    model, tokenizer = presets.build_preset("tiny-llama", torch.bfloat16, device)
-    model.config._attn_implementation = attention.choose(device)
-    assert attention.flattens(model.config._attn_implementation)
-    model = adapters.prepare_for_training(model, MethodConfig(), enable_checkpointing=False)
-    collate = batching.Collator(tokenizer, packing=True, flatten=True)
-    vocab = model.config.vocab_size
-    batches = [
-        [_sequences([5, 17, 9], vocab, seed=1)],
-        [_sequences([33, 2], vocab, seed=2), _sequences([64], vocab, seed=3)],
-        [_sequences([7, 7, 7, 7, 100], vocab, seed=4)],
-    ]
-    eager = [model(**collate(b, device)).loss for b in batches]
-    compiling.compile_decoder_layers(model)
-    compiled = [model(**collate(b, device)).loss for b in batches]
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=2e-2)
-    compiled[-1].backward()
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert frames <= 2, f"{frames} graphs compiled for 3 shapes: layers recompile per shape"

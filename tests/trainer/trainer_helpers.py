@@ -46,6 +46,20 @@ def arithmetic_chat(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def random_sequences(lengths: list[int], vocab: int, seed: int = 0) -> list:
+    """Tokenized examples of the given lengths with random ids; every token but the first is a target."""
+    import torch
+
+    from finetune_trainer.data import IGNORE_INDEX, Sequence
+
+    generator = torch.Generator().manual_seed(seed)
+    sequences = []
+    for length in lengths:
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        sequences.append(Sequence(input_ids=ids, labels=[IGNORE_INDEX] + ids[1:]))
+    return sequences
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w") as f:
         for record in records:

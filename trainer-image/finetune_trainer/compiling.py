@@ -22,6 +22,16 @@ from finetune_trainer.activation_memory import checkpointable_layers
 log = logging.getLogger(__name__)
 
 
+def wanted(setting: bool | None, method: str, zero_stage: int, device: torch.device) -> bool:
+    """training.compile, where null means: on for the GPU configurations the benchmark ran
+    compiled (LoRA, QLoRA and full with ZeRO 0-2). DoRA and ZeRO-3 (whose parameter-gathering
+    hooks would fire inside the compiled graph) stay eager until a benchmark shows compile
+    works and pays there."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and method in ("lora", "qlora", "full") and zero_stage <= 2
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer in place; returns how many were compiled."""
     import torch._dynamo

@@ -123,7 +123,9 @@ class TrainingConfig(_Model):
     )
     seed: int = Field(42, ge=0)
     compile: bool | None = Field(
-        None, description="torch.compile each decoder layer; null: on CUDA GPUs, off on CPU (see compiling)"
+        None,
+        description="torch.compile each decoder layer; null: on GPUs for lora, qlora and full with zeroStage "
+        "0-2, otherwise off (see compiling.wanted)",
     )
     warmup_steps: int = Field(0, ge=0)
     # Optional additions to the contract.

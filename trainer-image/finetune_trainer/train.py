@@ -119,7 +119,7 @@ def run(config: JobConfig) -> dict[str, Any]:
             model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
         )
         engines.cast_like_engine(model, dist.device)
-        if training.compile or (training.compile is None and dist.device.type == "cuda"):
+        if compiling.wanted(training.compile, config.method.type, config.distributed.zero_stage, dist.device):
             compiling.compile_decoder_layers(model)
         collate = batching.Collator(
             tokenizer, training.packing, flatten=attention.flattens(model.config._attn_implementation)
