@@ -3,7 +3,7 @@
   python bench/merge_results.py /work/.device/.../files  # the folder the device tool fetched
 
 Appends each lane's summary.json rows and ceilings to bench/results/, skipping rows already
-there (same runId and case), and copies the raw logs.
+there (same runId and case), and copies the raw logs and the lanes' logs (call-<runId>_lane-*.log).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def merge_rows(name: str, rows: list[dict]) -> int:
 def main() -> int:
     fetched = Path(sys.argv[1])
     (RESULTS / "raw").mkdir(parents=True, exist_ok=True)
+    run_ids = []
     for tar_path in sorted(fetched.rglob("results.tar.gz")):
         with tempfile.TemporaryDirectory() as tmp, tarfile.open(tar_path) as tar:
             tar.extractall(tmp, filter="data")
@@ -40,6 +41,12 @@ def main() -> int:
                     print(f"{tar_path.parent.name}: {added} new rows in {name}")
             for log in (lane / "raw").glob("*.log"):
                 shutil.copy(log, RESULTS / "raw" / log.name)
+            if (lane / "summary.json").exists():
+                run_ids += [r["runId"] for r in json.loads((lane / "summary.json").read_text())]
+    # The lanes' own logs (GPU test results, skipped cases), named after the call's first run.
+    call = min(run_ids, default="unknown")
+    for log in sorted(fetched.glob("lane-*.log")):
+        shutil.copy(log, RESULTS / "raw" / f"call-{call}_{log.name}")
     return 0
 
 

@@ -124,7 +124,9 @@ def plan(model, collate, config, rows_tokens: list[int], world_size: int, device
     """
     training, distributed = config.training, config.distributed
     layers = len(checkpointable_layers(model))
-    if training.gradient_checkpointing is not None:
+    if layers == 0:  # a model without transformers' checkpointable decoder layers
+        count = 0
+    elif training.gradient_checkpointing is not None:
         count = layers if training.gradient_checkpointing else 0
     elif device.type != "cuda":
         # Host memory holds the activations on CPU nodes, and CPU-sized models rarely fill it.

@@ -144,6 +144,7 @@ def run(config: JobConfig) -> dict[str, Any]:
             "initialEvalLoss": None,
             "recentLosses": [],
         }
+
         def evaluate() -> float | None:
             if not validation_rows:
                 return None
