@@ -63,10 +63,11 @@ def parse_variant(variant: str) -> dict:
                 trainer's attention before varlen; cuDNN SDPA off, as the trainer then set it)
       zN        ZeRO stage N
       liger     Liger kernels incl. fused linear+cross-entropy, patched in by the harness
+      flce      Liger's fused linear+cross-entropy alone (the logits are never materialised)
     None means "leave the trainer's default".
     """
     out = {"micro_batch": 4, "gradient_checkpointing": None, "dropout": None, "compile": None,
-           "sdpa": False, "zero_stage": None, "liger": False}
+           "sdpa": False, "zero_stage": None, "liger": False, "flce": False}
     if variant == "default":
         return out
     for token in variant.split("-"):
@@ -84,6 +85,8 @@ def parse_variant(variant: str) -> dict:
             out["zero_stage"] = int(token[1:])
         elif token == "liger":
             out["liger"] = True
+        elif token == "flce":
+            out["flce"] = True
         else:
             raise ValueError(f"unknown variant token {token!r} in {variant!r}")
     return out

@@ -154,6 +154,12 @@ def run_ours(case: Case, work: Path) -> dict:
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
         log("liger kernels applied")
+    elif variant["flce"]:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+        log("liger fused linear + cross-entropy applied")
     if variant["sdpa"]:
         # The trainer's attention before the varlen kernel: padded packed rows through SDPA.
         attention.choose = lambda device: "sdpa"
