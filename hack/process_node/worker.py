@@ -205,7 +205,8 @@ class PodWorker:
                     log.warning("pod %s: token refresh failed: %s", self.name, exc)
 
     async def _prepare(self, container: Obj) -> LaunchSpec | None:
-        """Volumes and env, retried while their sources are missing (kubelet: CreateContainerConfigError)."""
+        """Volumes and env, retried while their sources are missing (kubelet: CreateContainerConfigError).
+        None: the pod was rejected, deleted, or the node is stopping."""
         last = ""
         while not self.deleting:
             try:
@@ -219,11 +220,8 @@ class PodWorker:
             except ValueError as exc:
                 await self._report(podstatus.rejected(self.pod, self.config.node_ip, "UnsupportedByProcessNode", str(exc)))
                 return None
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), RETRY_SECONDS)
-            except asyncio.TimeoutError:
-                pass
+            if not await self._sleep_unless_deleted(RETRY_SECONDS):
+                return None  # deleted, or the node is stopping: nothing to start
         return None
 
     async def _launch_spec(self, container: Obj) -> LaunchSpec:
