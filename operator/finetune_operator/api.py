@@ -177,6 +177,11 @@ class TrainingSpec(ApiModel):
         "on CPU; every layer with ZeRO-3 or offload).",
     )
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for initialisation, data order and split.")
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile each decoder layer. Unset: on for GPU jobs with lora, qlora or full at "
+        "zeroStage 0-2 (where the benchmark shows it pays), off otherwise; false opts out.",
+    )
 
 
 class DistributedSpec(ApiModel):

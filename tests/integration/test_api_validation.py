@@ -100,8 +100,8 @@ def test_defaults_come_from_the_schema(kubectl):
     spec = created["spec"]
     assert spec["method"] == {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]}}
     assert spec["training"]["epochs"] == 3 and spec["training"]["globalBatchSize"] == 32
-    # Unset means "only as many layers as memory needs", decided by the trainer at start-up.
-    assert "gradientCheckpointing" not in spec["training"]
+    # Unset: the trainer decides at start-up (checkpointing as memory needs; compile where it pays).
+    assert "gradientCheckpointing" not in spec["training"] and "compile" not in spec["training"]
     assert spec["distributed"] == {"zeroStage": 2, "offload": "none", "nodes": 1}
     assert spec["resources"]["accelerator"] == "nvidia.com/gpu"
     assert spec["checkpointing"] == {"everySteps": 200, "keep": 2}
