@@ -15,6 +15,8 @@ from datetime import datetime
 
 from finetune_trainer.protocol import EXIT_PREEMPTED, EXIT_USER_ERROR
 
+from .kubetime import parse_time
+
 # How long an image pull or container config error may persist before the job fails: long
 # enough to ride out a registry hiccup, short enough not to hold nodes for nothing.
 STUCK_SECONDS = 120
@@ -104,7 +106,7 @@ def fatal_problem(pods: list[dict], now: datetime) -> Failure | None:
             continue
         why, text = waiting.get("reason", ""), waiting.get("message", "")
         created = pod["metadata"].get("creationTimestamp")
-        age = (now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds() if created else 0
+        age = (now - parse_time(created)).total_seconds() if created else 0
         if why in ("InvalidImageName", "ErrImageNeverPull") or (why in ("ErrImagePull", "ImagePullBackOff") and age > STUCK_SECONDS):
             return Failure("ImagePullFailed", f"pod {pod['metadata']['name']} cannot pull its image ({why}): {text}", False)
         if why == "CreateContainerConfigError" and age > STUCK_SECONDS:

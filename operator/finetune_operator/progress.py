@@ -26,6 +26,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import kube, naming
+from .kubetime import format_time
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def status_progress(report: ProgressReport, now: datetime | None = None) -> dict
         "step": report.step,
         "totalSteps": report.total_steps,
         "percent": min(100, int(100 * report.step / report.total_steps)),
-        "updatedAt": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updatedAt": format_time(now),
     }
     if report.loss is not None and math.isfinite(report.loss):
         out["loss"] = round(report.loss, 6)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from . import children, failures, kube, metrics, naming, provisioning, status
 from .api import TERMINAL_PHASES, FineTuneJob
+from .kubetime import format_time, parse_time
 from .model import build_model, model_status, same_lineage
 from .settings import OperatorSettings
 from .sources import UnsupportedSource
@@ -76,7 +77,7 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
 def _seconds_since(timestamp: str | None, now: datetime) -> float | None:
     if not timestamp:
         return None
-    return (now - datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
+    return (now - parse_time(timestamp)).total_seconds()
 
 
 async def _expire(ftj: FineTuneJob) -> None:
@@ -100,8 +101,7 @@ async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> Non
 
 async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings: OperatorSettings,
                 trainer_job: str | None = None) -> None:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    obs = status.Observation("Failed", reason, message, completion_time=now)
+    obs = status.Observation("Failed", reason, message, completion_time=format_time(datetime.now(timezone.utc)))
     await _write_status(raw, ftj, obs, trainer_job, settings)
 
 

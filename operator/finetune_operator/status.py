@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import failures
+from .kubetime import format_time, parse_time
 from .api import Condition, FineTuneJob, Phase
 from .result import InvalidResult, TrainerResult, parse_result
 
@@ -83,10 +84,6 @@ class Provisioning:
     timeout_seconds: float = 900
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
 def _provisioning(ftj: FineTuneJob, job: dict, pods: list[dict], info: Provisioning, now: datetime) -> Observation:
     """Trainer pods wait for Karpenter: say what is happening, or fail when it cannot happen."""
     start_time = job.get("status", {}).get("startTime")
@@ -94,13 +91,13 @@ def _provisioning(ftj: FineTuneJob, job: dict, pods: list[dict], info: Provision
         if reason == "NoCompatibleInstanceTypes" or "no instance type satisf" in message:
             return Observation("Failed", "NoInstanceType",
                                f"no instance type satisfies the request ({_request_summary(ftj)}): {message}",
-                               start_time=start_time, completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
-    waited = (now - (_parse_time(job["metadata"].get("creationTimestamp")) or now)).total_seconds()
+                               start_time=start_time, completion_time=format_time(now))
+    waited = (now - (parse_time(job["metadata"].get("creationTimestamp")) or now)).total_seconds()
     if waited > info.timeout_seconds:
         last = info.events[-1][1] if info.events else _pending_message(pods)
         return Observation("Failed", "ProvisioningTimeout",
                            f"trainer pods not scheduled after {int(waited)}s: {last}",
-                           start_time=start_time, completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                           start_time=start_time, completion_time=format_time(now))
     for reason, message in reversed(info.events):
         if "exceed limits" in message:
             return Observation("Provisioning", "NodePoolLimitReached", message, start_time=start_time)
@@ -154,7 +151,7 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
     fatal = failures.fatal_problem(pods, now)
     if fatal:
         return Observation("Failed", fatal.reason, fatal.message, start_time=start_time,
-                           completion_time=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                           completion_time=format_time(now))
 
     if ftj.spec.suspend:
         live = [p for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
@@ -214,7 +211,7 @@ def status_patch(obs: Observation, ftj: FineTuneJob, trainer_job: str | None, no
     # startTime: when the trainer first ran (not when the Job was created), kept across retries.
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     if ftj.status.start_time is None and obs.running:
-        patch["startTime"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch["startTime"] = format_time(now)
     if obs.completion_time:
         patch["completionTime"] = obs.completion_time
     if obs.phase == "Succeeded":
