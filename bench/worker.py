@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent / "trainer-image"))
 from common import PEAK_BF16_FLOPS, Case, flops_per_token, parse_variant, sequence_lengths, synthetic_texts  # noqa: E402
 
 GiB = 1024**3
+BASELINE_LORA_DROPOUT = 0.05  # the baseline's LoRA dropout, reported in its rows
 
 
 def cuda(fn: str, default=0):
@@ -279,7 +280,7 @@ def run_baseline(case: Case, work: Path) -> dict:
     model.config.use_cache = False
     if case.method != "full":
         model = get_peft_model(model, LoraConfig(
-            r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=0.05, target_modules="all-linear",
+            r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=BASELINE_LORA_DROPOUT, target_modules="all-linear",
             use_dora=case.method == "dora", task_type="CAUSAL_LM",
         ))
     cuda('synchronize')
@@ -335,7 +336,7 @@ def run_baseline(case: Case, work: Path) -> dict:
     trainer.train()
     return {
         "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": 0, "microBatch": 1, "gpus": 1,
-        "gradientCheckpointing": "none", "checkpointedLayers": 0, "loraDropout": 0.05, "compile": False,
+        "gradientCheckpointing": "none", "checkpointedLayers": 0, "loraDropout": BASELINE_LORA_DROPOUT, "compile": False,
         "attention": "sdpa", "measure": measure,
         "profile": profiler.summary if profiler else None,
     }
