@@ -125,3 +125,24 @@ def test_presets_listed_in_config_match_implementation():
     from finetune_trainer.presets import PRESET_SHAPES
 
     assert set(PRESET_SHAPES) == set(PRESET_NAMES)
+
+
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+def test_deepspeed_config_leaves_bf16_overflow_to_the_trainer_and_fuses_adam_on_gpus(offload):
+    torch = pytest.importorskip("torch")
+    from finetune_trainer.batching import StepPlan
+    from finetune_trainer.engine import deepspeed_config
+
+    config = JobConfig.model_validate(
+        {**MINIMAL, "distributed": {"zeroStage": 2, "offload": offload}}
+    )
+    plan = StepPlan(num_rows=64, micro_batch_size=4, global_batch_size=32, world_size=1, epochs=1, max_steps=None, seed=0)
+    gpu = deepspeed_config(config, plan, torch.device("cuda", 0))
+    cpu = deepspeed_config(config, plan, torch.device("cpu"))
+    # train.check_finite stops a diverged run instead (DeepSpeed's check costs a read-back per step)
+    assert gpu["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert cpu["bf16"]["enabled"] is False
+    # torch's fused AdamW where the update runs on the GPU; DeepSpeed's CPU Adam with offload
+    assert gpu["optimizer"]["params"].get("fused") is (True if offload == "none" else None)
+    assert "fused" not in cpu["optimizer"]["params"]
+    assert gpu["gradient_accumulation_steps"] == 8

@@ -203,3 +203,19 @@ def test_hub_source_from_offline_cache_and_local_directory(tmp_path, chat_datase
     result = run_trainer(write_config(tmp_path, config))
     assert result.returncode == 2
     assert "baseModel.source: hf://acme/tiny (revision v2) is not in the local cache" in result.stderr
+
+
+def test_diverged_training_fails_clearly_and_saves_nothing(tmp_path, chat_dataset):
+    # Adam moves every weight by about the learning rate each step, whatever the gradients:
+    # at 1e9 the logits overflow within a few steps.
+    config = make_config(tmp_path, chat_dataset, **{"training.learningRate": 1e9, "training.maxSteps": 8})
+    result = run_trainer(write_config(tmp_path, config))
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"finetune-trainer: error: training diverged at step \d: loss \S+, gradient norm \S+; "
+        r"lower training.learningRate \(now 1e\+09\) and rerun", last
+    ), last
+    assert "Traceback" not in result.stderr
+    out = tmp_path / "out"
+    assert not (out / "result.json").exists() and not list(out.glob("*.safetensors"))

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm stopped being a finite number."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from finetune_trainer import data
 from finetune_trainer.config import JobConfig
-from finetune_trainer.errors import ConfigError
+from finetune_trainer.errors import ConfigError, TrainingDiverged
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def run(config: JobConfig) -> dict[str, Any]:
                 [sum(micro_losses) / len(micro_losses), tokens, float(stop.requested)], dist.device
             )
             step_loss = loss_sum / dist.world_size
+            check_finite(step, step_loss, engine.get_global_grad_norm(), training.learning_rate)
             state["step"] = step
             state["tokensSeen"] += int(step_tokens)
             state["recentLosses"] = (state["recentLosses"] + [step_loss])[-RECENT_LOSS_WINDOW:]
@@ -232,6 +233,22 @@ def run(config: JobConfig) -> dict[str, Any]:
     finally:
         reporter.close()
         distributed.teardown()
+
+
+def check_finite(step: int, loss: float, grad_norm, learning_rate: float) -> None:
+    """Fail a diverged run before it saves anything; the checkpoints before it stay.
+
+    DeepSpeed's own bf16 overflow check is off (engine.py says why), so this is where a
+    loss or gradient norm that is no longer a number stops the run. Every process sees the
+    same all-reduced loss and global norm, so all of them stop at the same step."""
+    norm = None if grad_norm is None else float(grad_norm)
+    # DeepSpeed reports a NaN or infinite gradient norm as -1.
+    bad_norm = norm is not None and not (math.isfinite(norm) and norm >= 0)
+    if not math.isfinite(loss) or bad_norm:
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss {loss}, gradient norm {norm}; "
+            f"lower training.learningRate (now {learning_rate:g}) and rerun"
+        )
 
 
 def clear_stale_results(output_dir: Path) -> None:
