@@ -62,12 +62,19 @@ def parse_variant(variant: str) -> dict:
       sdpa      SDPA over padded packed rows instead of the padding-free varlen kernel (the
                 trainer's attention before varlen; cuDNN SDPA off, as the trainer then set it)
       zN        ZeRO stage N
+      offload   ZeRO's optimizer state and update on the CPU (distributed.offload: optimizer)
       liger     Liger kernels incl. fused linear+cross-entropy, patched in by the harness
       flce      Liger's fused linear+cross-entropy alone (the logits are never materialised)
+      foreach   torch AdamW's multi-pass foreach update instead of its fused kernel
+      overflowcheck  DeepSpeed's bf16 gradient overflow check on (its default; the trainer
+                turns it off and checks the loss and gradient norm itself)
+      accN      N micro-batches per process per optimizer step (gradient accumulation; the
+                trainer's default globalBatchSize 32 is acc8 at micro-batch 4 on one GPU)
     None means "leave the trainer's default".
     """
     out = {"micro_batch": 4, "gradient_checkpointing": None, "dropout": None, "compile": None,
-           "sdpa": False, "zero_stage": None, "liger": False, "flce": False}
+           "sdpa": False, "zero_stage": None, "offload": False, "liger": False, "flce": False,
+           "foreach": False, "overflowcheck": False, "accumulation": 1}
     if variant == "default":
         return out
     for token in variant.split("-"):
@@ -85,8 +92,10 @@ def parse_variant(variant: str) -> dict:
             out["zero_stage"] = int(token[1:])
         elif token == "liger":
             out["liger"] = True
-        elif token == "flce":
-            out["flce"] = True
+        elif token in ("flce", "foreach", "overflowcheck", "offload"):
+            out[token] = True
+        elif token.startswith("acc") and token[3:].isdigit():
+            out["accumulation"] = int(token[3:])
         else:
             raise ValueError(f"unknown variant token {token!r} in {variant!r}")
     return out

@@ -3,7 +3,8 @@
   python bench/merge_results.py /work/.device/.../files  # the folder the device tool fetched
 
 Appends each lane's summary.json rows and ceilings to bench/results/, skipping rows already
-there (same runId and case), and copies the raw logs and the lanes' logs (call-<runId>_lane-*.log).
+there (same runId and case), and copies the raw logs, the profiled cases' compact traces and
+the lanes' logs (call-<runId>_lane-*.log).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def main() -> int:
                 if (lane / name).exists():
                     added = merge_rows(name, json.loads((lane / name).read_text()))
                     print(f"{tar_path.parent.name}: {added} new rows in {name}")
-            for log in (lane / "raw").glob("*.log"):
-                shutil.copy(log, RESULTS / "raw" / log.name)
+            for kept in [*(lane / "raw").glob("*.log"), *(lane / "raw").glob("*.trace.json.gz")]:
+                shutil.copy(kept, RESULTS / "raw" / kept.name)
             if (lane / "summary.json").exists():
                 run_ids += [r["runId"] for r in json.loads((lane / "summary.json").read_text())]
     # The lanes' own logs (GPU test results, skipped cases), named after the call's first run.

@@ -4,7 +4,8 @@ one call on the device machine, and appends one row per finished case to summary
   python bench/run.py --models llama-1b,llama-8b --methods lora --data fixed,variable \
       --systems ours,hf-baseline --out bench/results/ [--ceiling] [--variants default,mb2-nogc]
 
-Per case: bench/results/raw/<case>.log (the worker's whole output, profile table included).
+Per case: bench/results/raw/<runId>_<case>.log (the worker's whole output, profile table
+included), and for a profiled case <runId>_<case>.trace.json.gz (trace_gaps.compact).
 summary.json: a list of rows {device, model, method, zeroStage, gpus, seqLen, data, system,
 tokensPerSecPerGpu, peakMemGiB, mfuMethodAware, mfu6N, ...extras}. ceilings.json: the bf16
 matmul ceiling of each device it ran on.
@@ -134,7 +135,8 @@ def main() -> int:
             status.append((case.name, "skipped", 0, None))
             continue
         timeout = min(args.case_timeout_s, max(30.0, args.deadline_s + 50 - elapsed))
-        row = run_worker(case.name, ["--case", case.to_json()], timeout, case.gpus)
+        trace = ["--trace", str(raw_dir / f"{run_id}_{case.name}.trace.json.gz")] if case.profile else []
+        row = run_worker(case.name, ["--case", case.to_json(), *trace], timeout, case.gpus)
         if row:
             row["runId"] = run_id
             append_json_list(out / "summary.json", row)

@@ -5,7 +5,8 @@
                engine. The harness only wraps Reporter.step (to read each step's wall time and
                real-token count, which train.py already measures) and build_engine (to reset
                the peak-memory counter once the model is built, so the fp32->bf16 init of the
-               random preset does not count as training memory).
+               random preset does not count as training memory); a profiled case also names
+               the trainer's host-side stages for the idle analysis (mark_trainer_stages).
   hf-baseline  what Kaito runs: HF Trainer + PEFT, batch 1, a padding collator
                (DataCollatorForSeq2Seq), no packing, SDPA attention, bf16, same LoRA config.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
@@ -65,8 +67,12 @@ def examples_needed(case: Case, micro_batch: int, lengths_mean: float) -> int:
 # ---------------------------------------------------------------- profiling helpers
 
 
+TRACE_PATH: Path | None = None  # --trace: where a profiled case keeps its compact trace
+
+
 class StepProfiler:
-    """Profiles the steps after the measured ones; summarises where GPU time goes."""
+    """Profiles the steps after the measured ones; summarises where GPU time goes and, from
+    the trace, where and why the GPU sits idle (trace_gaps.py)."""
 
     def __init__(self, start_after: int, active: int = 2):
         self.start_after, self.active, self.prof, self.t0, self.seen = start_after, active, None, 0.0, 0
@@ -90,49 +96,59 @@ class StepProfiler:
 
 
 def summarise_profile(prof, wall_s: float, steps: int) -> dict:
+    """GPU time by kind and the idle analysis come from the trace's kernel, copy and memset
+    events (the profiler's per-name averages also hold the GPU spans of record_function
+    annotations, which are not kernels); the top-kernels table is for reading."""
+    import gzip
+
+    import trace_gaps
+
     try:
-        return _summarise_profile(prof, wall_s, steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            small = trace_gaps.compact(json.loads(Path(f"{tmp}/trace.json").read_text()))
+        if TRACE_PATH and os.environ.get("RANK", "0") == "0":  # under torchrun, one process keeps it
+            with gzip.open(TRACE_PATH, "wt") as f:
+                json.dump(small, f)
+        summary = {"profiledSteps": steps, "wallSeconds": round(wall_s, 4), **trace_gaps.kernel_summary(small, wall_s)}
+        summary["idle"] = trace_gaps.idle_summary(small)
     except Exception as exc:  # a profile must never cost the measurement
         return {"error": repr(exc), "table": ""}
-
-
-def _summarise_profile(prof, wall_s: float, steps: int) -> dict:
-    from torch.autograd import DeviceType
-
-    events = prof.key_averages()
-
-    def dev_time(e):  # microseconds of GPU time of a kernel entry
-        return (getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)
-                or getattr(e, "self_cuda_time_total", 0) or 0)
-
-    kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
     try:
-        table = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    except Exception:
-        table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-    groups = {"gemm": 0.0, "attention": 0.0, "cross_entropy/softmax": 0.0, "elementwise/other": 0.0}
-    for e in kernels:
-        t = dev_time(e)
-        key = e.key.lower()
-        # attention first: the memory-efficient kernels are named fmha_cutlass*
-        if any(s in key for s in ("flash", "attention", "fmha", "sdpa")):
-            groups["attention"] += t
-        elif any(s in key for s in ("gemm", "cutlass", "xmma", "nvjet", "cublas")):
-            groups["gemm"] += t
-        elif any(s in key for s in ("softmax", "cross_entropy", "nll_loss")):
-            groups["cross_entropy/softmax"] += t
-        else:
-            groups["elementwise/other"] += t
-    kernel_us = sum(groups.values())
-    return {
-        "profiledSteps": steps,
-        "wallSeconds": round(wall_s, 4),
-        "gpuKernelSeconds": round(kernel_us / 1e6, 4),
-        "gpuBusyFraction": round(kernel_us / 1e6 / wall_s, 3) if wall_s else None,
-        "gpuSecondsByKind": {k: round(v / 1e6, 4) for k, v in groups.items()},
-        "kernelLaunches": int(sum(e.count for e in kernels)),
-        "table": table,
-    }
+        summary["table"] = prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=30, max_name_column_width=70
+        )
+    except Exception as exc:
+        summary["table"] = f"(no table: {exc!r})"
+    return summary
+
+
+def mark_trainer_stages() -> None:
+    """Name the trainer's host-side stages in the profile (record_function), so idle GPU time
+    can be charged to the stage the host was in (trace_gaps.py). Outside the profiled steps a
+    record_function costs about a microsecond, a few per step."""
+    import functools
+
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from finetune_trainer import batching, distributed
+
+    def mark(owner, attribute: str, label: str) -> None:
+        original = getattr(owner, attribute)
+
+        @functools.wraps(original)
+        def marked(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, marked)
+
+    mark(batching.Collator, "__call__", "collate")
+    mark(DeepSpeedEngine, "forward", "engine.forward")
+    mark(DeepSpeedEngine, "backward", "engine.backward")
+    mark(DeepSpeedEngine, "step", "engine.step")
+    mark(distributed, "all_reduce_sum", "step totals")  # the loop's per-step read of loss and tokens
 
 
 # ---------------------------------------------------------------- ours
@@ -161,12 +177,29 @@ def run_ours(case: Case, work: Path) -> dict:
         apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
         log("liger fused linear + cross-entropy applied")
+    if variant["foreach"] or variant["overflowcheck"]:
+        original_config = engines.deepspeed_config
+
+        def overridden_config(*args, **kwargs):
+            ds_config = original_config(*args, **kwargs)
+            if variant["foreach"]:
+                ds_config["optimizer"]["params"].pop("fused", None)
+            if variant["overflowcheck"]:
+                ds_config["bf16"].pop("check_grad_overflow", None)  # DeepSpeed's default: on
+            return ds_config
+
+        engines.deepspeed_config = overridden_config
+    if case.profile:
+        mark_trainer_stages()
     if variant["sdpa"]:
         # The trainer's attention before the varlen kernel: padded packed rows through SDPA.
         attention.choose = lambda device: "sdpa"
     mb = variant["micro_batch"]
+    rows_per_step = mb * variant["accumulation"]
     probe = sequence_lengths(case.data, 2000, case.seq_len)
-    lengths = sequence_lengths(case.data, case.gpus * examples_needed(case, mb, statistics.mean(probe)), case.seq_len)
+    lengths = sequence_lengths(
+        case.data, case.gpus * examples_needed(case, rows_per_step, statistics.mean(probe)), case.seq_len
+    )
     texts = synthetic_texts(lengths)
     data_path = work / "train.jsonl"
     with open(data_path, "w") as f:
@@ -179,8 +212,9 @@ def run_ours(case: Case, work: Path) -> dict:
     training = {
         "maxSteps": total_steps,
         "microBatchSize": mb,
-        # one micro-batch per process per optimizer step: step time = one fwd/bwd/update
-        "globalBatchSize": mb * case.gpus,
+        # one micro-batch per process per optimizer step (step time = one fwd/bwd/update),
+        # unless the variant accumulates
+        "globalBatchSize": rows_per_step * case.gpus,
         "maxSeqLength": case.seq_len,
         "packing": True,
     }
@@ -190,6 +224,8 @@ def run_ours(case: Case, work: Path) -> dict:
     distributed = dict(case.extra.get("distributed", {}))
     if variant["zero_stage"] is not None:
         distributed["zeroStage"] = variant["zero_stage"]
+    if variant["offload"]:
+        distributed["offload"] = "optimizer"
     config = JobConfig.model_validate({
         "jobName": "bench",
         "baseModel": {"source": f"preset://{case.model}"},
@@ -242,6 +278,7 @@ def run_ours(case: Case, work: Path) -> dict:
     train.run(config)
     return {
         "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": config.distributed.zero_stage,
+        "offload": config.distributed.offload,
         "microBatch": mb, "gpus": case.gpus,
         "gradientCheckpointing": {True: "all", False: "none", None: "auto"}[config.training.gradient_checkpointing],
         "checkpointedLayers": started.get("checkpointedLayers"),
@@ -406,6 +443,7 @@ def summarise(case: Case, raw: dict) -> dict:
         # extras
         "variant": case.variant if case.system == "ours" else "kaito-defaults",
         "microBatch": raw["microBatch"],
+        "offload": raw.get("offload", "none"),
         "gradientCheckpointing": raw["gradientCheckpointing"],
         "checkpointedLayers": raw["checkpointedLayers"],
         "loraDropout": raw["loraDropout"],
@@ -434,8 +472,13 @@ def main() -> int:
     parser.add_argument("--case")
     parser.add_argument("--ceiling", action="store_true")
     parser.add_argument("--result", required=True)
+    parser.add_argument("--trace", type=Path, help="where a profiled case writes its compact trace (.json.gz)")
     args = parser.parse_args()
+    global TRACE_PATH
+    TRACE_PATH = args.trace
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The trainer's own log (the activation-memory plan, the data plan) goes into the raw log too.
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     if args.ceiling:
         out = run_ceiling()
         log(f"matmul ceiling: {out}")
