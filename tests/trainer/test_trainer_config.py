@@ -133,9 +133,7 @@ def test_deepspeed_config_leaves_bf16_overflow_to_the_trainer_and_fuses_adam_on_
     from finetune_trainer.batching import StepPlan
     from finetune_trainer.engine import deepspeed_config
 
-    config = JobConfig.model_validate(
-        {**MINIMAL, "distributed": {"zeroStage": 2, "offload": offload}}
-    )
+    config = JobConfig.model_validate({**MINIMAL, "distributed": {"zeroStage": 2, "offload": offload}})
     plan = StepPlan(num_rows=64, micro_batch_size=4, global_batch_size=32, world_size=1, epochs=1, max_steps=None, seed=0)
     gpu = deepspeed_config(config, plan, torch.device("cuda", 0))
     cpu = deepspeed_config(config, plan, torch.device("cpu"))

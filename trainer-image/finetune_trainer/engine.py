@@ -43,9 +43,10 @@ def deepspeed_config(config: JobConfig, plan: StepPlan, device: torch.device) ->
         "zero_optimization": zero,
         # DeepSpeed's bf16 overflow check tests every gradient tensor for inf/NaN, one by one
         # (about a dozen kernel launches per tensor: 5,400 a step for an 8B LoRA's 448), then
-        # reads the answer back; the GPU idles meanwhile (bench/README.md has the profile). bf16 has fp32's range, so there
-        # is nothing to rescale: train.py instead fails the run, before anything is saved,
-        # when the loss or the gradient norm stops being finite.
+        # reads the answer back; the GPU idles meanwhile (bench/README.md has the profile).
+        # bf16 has fp32's range, so there is no loss scale to adjust: train.check_finite
+        # instead fails the run, before anything is saved, once the loss or the gradient norm
+        # stops being finite.
         "bf16": {"enabled": on_gpu, "check_grad_overflow": False},
         "optimizer": {
             "type": "AdamW",
