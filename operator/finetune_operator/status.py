@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import failures
-from .kubetime import format_time, parse_time
 from .api import Condition, FineTuneJob, Phase
+from .kubetime import format_time, parse_time
 from .result import InvalidResult, TrainerResult, parse_result
 
 CONDITION_TYPES = ("Ready", "Provisioned", "Running", "Succeeded", "Failed")

@@ -69,4 +69,3 @@ def test_peak_is_linear_in_checkpointed_layers():
     measured = activation_memory.peak_bytes(model, collate, rows, device)
     predicted = peak_all + (layers - layers // 4) * (other[1] - peak_all) / layers
     assert abs(predicted - measured) / measured < 0.10, (predicted / GiB, measured / GiB)
-

@@ -26,7 +26,6 @@ def test_config_map_carries_the_rendered_trainer_config():
     assert config["training"]["globalBatchSize"] == 32
 
 
-
 def test_speed_settings_left_unset_reach_the_trainer_unset_and_explicit_ones_verbatim():
     from finetune_trainer.config import parse_config
 
@@ -38,6 +37,7 @@ def test_speed_settings_left_unset_reach_the_trainer_unset_and_explicit_ones_ver
     assert unset.gradient_checkpointing is None and unset.compile is None  # the trainer decides
     explicit = rendered(gradientCheckpointing=True, compile=False)
     assert explicit.gradient_checkpointing is True and explicit.compile is False
+
 
 def test_single_process_job():
     job = children.build_job(make_job(resources={"accelerator": "none", "cpu": "2", "memory": "4Gi"}), SETTINGS)
