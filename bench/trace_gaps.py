@@ -107,8 +107,12 @@ def idle_summary(small: dict, top: int = 8) -> dict:
             continue
         stage = _innermost(regions, (start + end) / 2)
         by_stage[stage] += length
-        first = max(0, bisect.bisect_left(sync_starts, end) - 1)
-        overlapping = sorted({s[2] for s in syncs[first:] if s[0] < start and s[0] + s[1] > end})
+        # The gap runs from `end` (last kernel done) to `start` (next kernel). A sync that began
+        # after `start` cannot overlap it; one host thread makes one call at a time, so the last
+        # sync to begin before `end` is the earliest that can still be running.
+        lo = max(0, bisect.bisect_left(sync_starts, end) - 1)
+        hi = bisect.bisect_left(sync_starts, start)
+        overlapping = sorted({s[2] for s in syncs[lo:hi] if s[0] + s[1] > end})
         gaps.append((length, stage, overlapping))
     idle = sum(g[0] for g in gaps)
     gaps.sort(reverse=True)
