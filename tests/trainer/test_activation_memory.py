@@ -34,9 +34,20 @@ def test_every_layer_when_fewer_ran_out_of_memory_or_nothing_fits():
 
 
 def test_engine_reserve_partitions_optimizer_state_from_zero_1():
-    assert activation_memory.engine_reserve_bytes(10**9, 0, 4, offload=False) == pytest.approx(16e9 + 2e9)
-    assert activation_memory.engine_reserve_bytes(10**9, 2, 4, offload=False) == pytest.approx(4e9 + 2e9)
-    assert activation_memory.engine_reserve_bytes(10**9, 2, 4, offload=True) == pytest.approx(2e9)
+    reserve = activation_memory.engine_reserve_bytes
+    buckets = activation_memory.ENGINE_BUCKET_BYTES
+    assert reserve(10**9, 0, 4, offload=False, accumulates=False) == pytest.approx(12e9 + buckets)
+    assert reserve(10**9, 2, 4, offload=False, accumulates=False) == pytest.approx(3e9 + buckets)
+    assert reserve(10**9, 2, 4, offload=True, accumulates=False) == pytest.approx(buckets)
+
+
+def test_engine_reserve_holds_the_accumulated_gradients_between_micro_batches():
+    reserve = activation_memory.engine_reserve_bytes
+    buckets = activation_memory.ENGINE_BUCKET_BYTES
+    assert reserve(10**9, 2, 4, offload=False, accumulates=True) == pytest.approx(3e9 + 2e9 + buckets)
+    assert reserve(10**9, 2, 1, offload=False, accumulates=True) == pytest.approx(14e9 + buckets)
+    # Offloaded, DeepSpeed accumulates on the CPU.
+    assert reserve(10**9, 2, 4, offload=True, accumulates=True) == pytest.approx(buckets)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [(True, 2), (False, 0), (None, 0)])

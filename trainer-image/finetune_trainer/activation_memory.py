@@ -10,8 +10,8 @@ How many is measured, not guessed from a formula: before the engine is built, th
 compiled, if it is) runs forward and backward on a synthetic micro-batch of the largest size
 the data holds, once with every layer checkpointed and once with none (or half, if none runs
 out of memory). Peak memory is linear in the number of checkpointed layers, so two points give
-the peak of every count. The engine's own needs (master weights, optimizer state, gradient
-partitions and buckets) and a margin are set aside from the GPU's memory; the fewest
+the peak of every count. The engine's own needs (master weights, optimizer state, accumulated
+gradients and buckets) and a margin are set aside from the GPU's memory; the fewest
 checkpointed layers whose peak fits in the rest win.
 """
 
@@ -58,15 +58,34 @@ def layers_to_checkpoint(layers: int, peak_all: float, other: tuple[int, float] 
     return layers
 
 
-def engine_reserve_bytes(trainable_params: int, zero_stage: int, world_size: int, offload: bool) -> float:
-    """GPU memory the DeepSpeed engine adds after the probe, per trainable parameter: fp32
-    master weight (4 bytes), Adam's two moments (8) and the fp32 gradient partition the update
-    reads (4); partitioned across processes from ZeRO-1 on, on the CPU with offload. Plus the
-    bf16 reduce and all-gather buckets. (The probe's backward already held bf16 gradients.)"""
-    per_process = 0.0 if offload else 16.0 * trainable_params
+def engine_reserve_bytes(trainable_params: int, zero_stage: int, world_size: int, offload: bool,
+                         accumulates: bool) -> float:
+    """GPU memory the DeepSpeed engine holds through forward and backward beyond what the probe
+    saw, where the activations peak:
+    - the fp32 master weights and Adam's two moments, 12 bytes per trainable parameter,
+      partitioned across processes from ZeRO-1 on, on the CPU with offload;
+    - with gradient accumulation, the bf16 gradients summed over the micro-batches so far,
+      2 bytes per parameter (not divided: a conservative bound for ZeRO-2's partition);
+    - the bf16 reduce and all-gather buckets.
+    The fp32 gradient partition (4 more bytes) exists only inside the optimizer step, when the
+    activations are gone (DeepSpeed's ZeRO-1/2 step creates and frees it), so it does not add
+    to the activations' peak. Checked against 3B full on an H200 (bench/README.md): weights,
+    this reserve and the probe's peak come to about 1.8 GiB above the measured peak with the
+    logits materialised and about 1.5 GiB below it with the fused loss, with one micro-batch
+    per step and with eight; the 10% margin covers both."""
+    per_process = 0.0 if offload else 12.0 * trainable_params
     if zero_stage >= 1:
         per_process /= world_size
+    if accumulates and not offload:
+        per_process += 2.0 * trainable_params
     return per_process + ENGINE_BUCKET_BYTES
+
+
+def usable_memory_bytes(device: torch.device) -> float:
+    """The GPU's memory this process may allocate: all of it, unless capped with
+    torch.cuda.set_per_process_memory_fraction (a GPU shared with another process)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total * torch.cuda.get_per_process_memory_fraction(device)
 
 
 def synthetic_rows(tokens: int, seq_len: int, vocab: int) -> list[list[Sequence]]:
@@ -151,12 +170,11 @@ def _measured_plan(model, collate, config, rows_tokens, world_size, device, laye
         log.warning("gradient checkpointing: every layer; even so a micro-batch of %d tokens ran out of memory", tokens)
         return layers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_memory = torch.cuda.get_device_properties(device).total_memory
-    budget = (
-        total_memory * (1 - FRAGMENTATION_MARGIN)
-        - torch.cuda.memory_allocated(device)
-        - engine_reserve_bytes(trainable, config.distributed.zero_stage, world_size, config.distributed.offload != "none")
+    accumulates = training.global_batch_size > training.micro_batch_size * world_size
+    reserve = engine_reserve_bytes(
+        trainable, config.distributed.zero_stage, world_size, config.distributed.offload != "none", accumulates
     )
+    budget = usable_memory_bytes(device) * (1 - FRAGMENTATION_MARGIN) - torch.cuda.memory_allocated(device) - reserve
     count = layers_to_checkpoint(layers, peak_all, other, budget)
     log.info(
         "gradient checkpointing: %d of %d layers for micro-batches of up to %d tokens (peak %.1f GiB with "

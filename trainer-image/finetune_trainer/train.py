@@ -3,8 +3,8 @@
   1. read and validate the dataset (fails fast, before any model is loaded)
   2. join the process group (torchrun env, or a group of one)
   3. load the base model's tokenizer; tokenize, split, pack
-  4. load the base model and wrap it for the method (LoRA / QLoRA / DoRA / full); choose
-     how many layers need gradient checkpointing
+  4. load the base model, fuse its LM head with the loss (GPUs), wrap it for the method
+     (LoRA / QLoRA / DoRA / full); choose how many layers need gradient checkpointing
   5. build the DeepSpeed engine (ZeRO 0-3, offload)
   6. resume from the latest complete checkpoint, if any
   7. train: optimizer steps, progress, checkpoints, SIGTERM -> checkpoint and exit 143
@@ -68,7 +68,7 @@ def run(config: JobConfig) -> dict[str, Any]:
     import transformers
 
     from finetune_trainer import activation_memory, adapters, attention, batching, checkpointing, compiling
-    from finetune_trainer import distributed, engine as engines, model_loading, outputs
+    from finetune_trainer import distributed, engine as engines, fused_loss, model_loading, outputs
     from finetune_trainer.reporting import Reporter
 
     # 2. Processes.
@@ -115,6 +115,8 @@ def run(config: JobConfig) -> dict[str, Any]:
         transformers.set_seed(training.seed)
         model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device)
         model.name_or_path = config.base_model.source  # PEFT records it in adapter_config.json
+        if fused_loss.wanted(dist.device, config.distributed.zero_stage):
+            fused_loss.apply(model)  # before PEFT wraps the model, and before the memory probe
         model = adapters.prepare_for_training(
             model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
         )
