@@ -63,8 +63,11 @@ def parse_variant(variant: str) -> dict:
                 trainer's attention before varlen; cuDNN SDPA off, as the trainer then set it)
       zN        ZeRO stage N
       offload   ZeRO's optimizer state and update on the CPU (distributed.offload: optimizer)
-      liger     Liger kernels incl. fused linear+cross-entropy, patched in by the harness
-      flce      Liger's fused linear+cross-entropy alone (the logits are never materialised)
+      liger     Liger's RMSNorm, RoPE and SwiGLU kernels too, patched in by the harness
+      noflce    the loss through materialised logits (the trainer's default is Liger's fused
+                linear + cross-entropy on GPUs; rows before that default say `flce` for it)
+      capN      this process may allocate N GiB of the GPU (e.g. cap78: an 80 GB card's share
+                on a larger one); the trainer's memory planner sees the cap
       foreach   torch AdamW's multi-pass foreach update instead of its fused kernel
       overflowcheck  DeepSpeed's bf16 gradient overflow check on (its default; the trainer
                 turns it off and checks the loss and gradient norm itself)
@@ -73,8 +76,8 @@ def parse_variant(variant: str) -> dict:
     None means "leave the trainer's default".
     """
     out = {"micro_batch": 4, "gradient_checkpointing": None, "dropout": None, "compile": None,
-           "sdpa": False, "zero_stage": None, "offload": False, "liger": False, "flce": False,
-           "foreach": False, "overflowcheck": False, "accumulation": 1}
+           "sdpa": False, "zero_stage": None, "offload": False, "liger": False, "noflce": False,
+           "foreach": False, "overflowcheck": False, "accumulation": 1, "memory_cap_gib": None}
     if variant == "default":
         return out
     for token in variant.split("-"):
@@ -92,8 +95,10 @@ def parse_variant(variant: str) -> dict:
             out["zero_stage"] = int(token[1:])
         elif token == "liger":
             out["liger"] = True
-        elif token in ("flce", "foreach", "overflowcheck", "offload"):
+        elif token in ("noflce", "foreach", "overflowcheck", "offload"):
             out[token] = True
+        elif token.startswith("cap") and token[3:].isdigit():
+            out["memory_cap_gib"] = int(token[3:])
         elif token.startswith("acc") and token[3:].isdigit():
             out["accumulation"] = int(token[3:])
         else:

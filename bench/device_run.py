@@ -63,8 +63,12 @@ def run_lane(gpus: str, batches: list[str], until_s: float, start: float, env: d
 def main() -> int:
     plan = json.loads(Path(sys.argv[1]).read_text())
     wheels = "--no-wheels" not in sys.argv  # a CPU smoke test here uses the venv as it is
-    Path("/tmp/bench-results").mkdir(parents=True, exist_ok=True)
+    # A warm machine still holds the last call's results: start clean, so this call's tars
+    # and lane logs hold this call's cases only.
+    shutil.rmtree("/tmp/bench-results", ignore_errors=True)
+    Path("/tmp/bench-results").mkdir(parents=True)
     env = install_wheels() if wheels else dict(os.environ)
+    env["BENCH_CALL"] = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # every row of this call records it
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv"])
     start = time.monotonic()

@@ -19,13 +19,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def merge_rows(name: str, rows: list[dict]) -> int:
+def merge_rows(name: str, rows: list[dict]) -> list[dict]:
+    """Append the rows not there yet; returns them."""
     path = RESULTS / name
     existing = json.loads(path.read_text()) if path.exists() else []
     seen = {(r.get("runId") or r.get("time"), r.get("case")) for r in existing}
     new = [r for r in rows if (r.get("runId") or r.get("time"), r.get("case")) not in seen]
     path.write_text(json.dumps(existing + new, indent=1) + "\n")
-    return len(new)
+    return new
 
 
 def main() -> int:
@@ -39,12 +40,12 @@ def main() -> int:
             for name in ("summary.json", "ceilings.json"):
                 if (lane / name).exists():
                     added = merge_rows(name, json.loads((lane / name).read_text()))
-                    print(f"{tar_path.parent.name}: {added} new rows in {name}")
+                    print(f"{tar_path.parent.name}: {len(added)} new rows in {name}")
+                    run_ids += [r["runId"] for r in added if "runId" in r]
             for kept in [*(lane / "raw").glob("*.log"), *(lane / "raw").glob("*.trace.json.gz")]:
                 shutil.copy(kept, RESULTS / "raw" / kept.name)
-            if (lane / "summary.json").exists():
-                run_ids += [r["runId"] for r in json.loads((lane / "summary.json").read_text())]
-    # The lanes' own logs (GPU test results, skipped cases), named after the call's first run.
+    # The lanes' own logs (GPU test results, skipped cases), named after the call's first new
+    # run (a warm machine's lanes also carry the earlier calls' results; those are not new).
     call = min(run_ids, default="unknown")
     for log in sorted(fetched.glob("lane-*.log")):
         shutil.copy(log, RESULTS / "raw" / f"call-{call}_{log.name}")

@@ -46,6 +46,24 @@ def attention(r):
     return "SDPA" + ("" if r.get("cudnnSdpa") is None else (" cuDNN" if r["cudnnSdpa"] else " no-cuDNN"))
 
 
+def loss_path(r):
+    """Fused linear + cross-entropy or logits; rows from before the trainer fused it by
+    default say so in their variant (flce, or liger, which included it)."""
+    if "fusedLoss" in r:
+        return "fused" if r["fusedLoss"] else "logits"
+    tokens = r["variant"].split("-")
+    return "fused" if "flce" in tokens or "liger" in tokens else "logits"
+
+
+def device_label(r):
+    return r["device"] + (f" (capped at {r['memoryCapGiB']} GiB)" if r.get("memoryCapGiB") else "")
+
+
+def same_call(a, b):
+    """Both rows from one call of the device tool (only rows of later calls record theirs)."""
+    return a.get("call") is not None and a.get("call") == b.get("call")
+
+
 def key(r):
     return (r["runId"], r["model"], r["method"], r["seqLen"], r["data"])
 
@@ -63,17 +81,17 @@ def render(rows: list[dict], ceilings: list[dict]) -> str:
     out.append("`variant` `default` means the trainer's defaults *at that run's revision*: read the attention, "
                "compile, checkpointing and dropout columns. The baseline's `zeroStage` 0 means no DeepSpeed.\n")
     out.append("| run | device | model | method | seq | data | system | GPUs | variant | micro | attention | compile "
-               "| ckpt | LoRA dropout | ZeRO | real tok/s/GPU | x HF same run | step median s | real tok/step | peak GiB "
+               "| ckpt | loss | LoRA dropout | ZeRO | real tok/s/GPU | x HF same run | step median s | real tok/step | peak GiB "
                "| MFU method-aware | MFU 6N |")
-    out.append("|" + "---|" * 22)
+    out.append("|" + "---|" * 23)
     for r in rows:
         base = baselines.get(key(r))
         ratio = f"{r['tokensPerSecPerGpu'] / base['tokensPerSecPerGpu']:.2f}x" if base and r["system"] == "ours" else ""
         dropout = r.get("loraDropout", 0.05)  # older rows ran with the harness's fixed 0.05
         out.append(
-            f"| {r['runId']} | {r['device']} | {r['model']} | {r['method']} | {r['seqLen']} | {r['data']} | {r['system']} "
+            f"| {r['runId']} | {device_label(r)} | {r['model']} | {r['method']} | {r['seqLen']} | {r['data']} | {r['system']} "
             f"| {r.get('gpus', 1)} | {r['variant']} | {r['microBatch']} | {attention(r)} | {'on' if r.get('compile') else 'off'} "
-            f"| {checkpointing(r)} | {dropout if r['method'] != 'full' else ''} | {r['zeroStage']} "
+            f"| {checkpointing(r)} | {loss_path(r)} | {dropout if r['method'] != 'full' else ''} | {r['zeroStage']} "
             f"| {fmt_int(r['tokensPerSecPerGpu'])} | {ratio} | {r['stepTimeMedianS']:.3f} | {fmt_int(r['realTokensPerStepMean'])} "
             f"| {r['peakMemGiB']:.1f} | {pct(r['mfuMethodAware'])} | {pct(r['mfu6N'])} |"
         )
@@ -105,7 +123,7 @@ def render(rows: list[dict], ceilings: list[dict]) -> str:
                    and (s["model"], s["method"], s["data"], s["seqLen"], s["variant"])
                    == (r["model"], r["method"], r["data"], r["seqLen"], r["variant"]) and s["runId"] <= r["runId"]]
         if singles:
-            one = max(singles, key=lambda s: s["runId"])
+            one = max(singles, key=lambda s: (same_call(s, r), s["runId"]))
             scaling.append((r, one, r["tokensPerSecPerGpu"] / one["tokensPerSecPerGpu"]))
     if scaling:
         out.append("\n### Data-parallel scaling (ZeRO-2; tokens/s per GPU on 2 GPUs over 1 GPU, same machine and call)\n")
@@ -147,20 +165,27 @@ def render(rows: list[dict], ceilings: list[dict]) -> str:
         for data in ("fixed", "variable"):
             q = best(lambda r: on(r) and r["model"] == "llama-8b" and r["method"] == "qlora" and r["system"] == "ours"
                      and r["data"] == data)
-            lora = best(lambda r: on(r) and is_8b_lora(r, data) and r["variant"] == "default")
+            # The LoRA row of QLoRA's own device call where rows record it, else the best one.
+            lora = (best(lambda r: on(r) and is_8b_lora(r, data) and r["variant"] == "default" and same_call(r, q))
+                    or best(lambda r: on(r) and is_8b_lora(r, data) and r["variant"] == "default")) if q else None
             if q and lora:
                 x = q["tokensPerSecPerGpu"] / lora["tokensPerSecPerGpu"]
-                note = "same run" if q["runId"] == lora["runId"] else f"LoRA from run {lora['runId']}"
+                note = ("same run" if q["runId"] == lora["runId"] else
+                        f"LoRA from run {lora['runId']}" + (", same call" if same_call(q, lora) else ""))
                 out.append(f"| QLoRA >= 0.75x LoRA ({data}), peak memory reported | {device} | {x:.2f}x "
                            f"({fmt_int(q['tokensPerSecPerGpu'])} vs {fmt_int(lora['tokensPerSecPerGpu'])}, {note}; "
                            f"QLoRA peak {q['peakMemGiB']:.1f} GiB) | {'yes' if x >= 0.75 else 'no'} |")
-        f3 = best(lambda r: on(r) and r["model"] == "llama-3b" and r["method"] == "full")
-        if f3:
-            out.append(f"| full fine-tune 3B >= 45% MFU | {device} | {pct(f3['mfuMethodAware'])} (run {f3['runId']}, "
-                       f"peak {f3['peakMemGiB']:.1f} GiB) | {'yes' if f3['mfuMethodAware'] >= 0.45 else 'no'} |")
+        for cap in sorted({r.get("memoryCapGiB") for r in rows if on(r)}, key=lambda c: c or 0):
+            f3 = best(lambda r: on(r) and r["model"] == "llama-3b" and r["method"] == "full"
+                      and r.get("memoryCapGiB") == cap)
+            if f3:
+                where = device + (f" capped at {cap} GiB" if cap else "")
+                out.append(f"| full fine-tune 3B >= 45% MFU | {where} | {pct(f3['mfuMethodAware'])} ({f3['variant']}, "
+                           f"run {f3['runId']}, peak {f3['peakMemGiB']:.1f} GiB) | "
+                           f"{'yes' if f3['mfuMethodAware'] >= 0.45 else 'no'} |")
         for r, one, x in scaling:
             if r["device"] == device:
-                out.append(f"| ZeRO-2 on 2 GPUs >= 90% scaling | {device} | {pct(x)} ({r['case']}) | "
+                out.append(f"| ZeRO-2 on 2 GPUs >= 90% scaling | {device} | {pct(x)} ({r['case']}, run {r['runId']}) | "
                            f"{'yes' if x >= 0.9 else 'no'} |")
     return "\n".join(out) + "\n"
 

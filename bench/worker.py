@@ -157,26 +157,34 @@ def mark_trainer_stages() -> None:
 def run_ours(case: Case, work: Path) -> dict:
     import torch
 
-    from finetune_trainer import attention, compiling
+    from finetune_trainer import attention, compiling, fused_loss
     from finetune_trainer import engine as engines
     from finetune_trainer import reporting, train
     from finetune_trainer.config import JobConfig
 
     variant = parse_variant(case.variant)
     if variant["liger"]:
-        # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear+cross-entropy), patched
-        # into transformers' Llama classes before the trainer builds the model.
+        # Liger's other Triton kernels, patched into transformers' Llama classes before the
+        # trainer builds the model (the trainer itself applies the fused loss).
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
+                                    fused_linear_cross_entropy=False)
         log("liger kernels applied")
-    elif variant["flce"]:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    if variant["noflce"]:
+        fused_loss.wanted = lambda device, zero_stage: False
+    fused = {"applied": False}
+    original_fuse = fused_loss.apply
 
-        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
-        log("liger fused linear + cross-entropy applied")
+    def fuse(model):
+        fused["applied"] = original_fuse(model)
+        return fused["applied"]
+
+    fused_loss.apply = fuse
+    if variant["memory_cap_gib"] is not None:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(variant["memory_cap_gib"] * GiB / total, 0)
+        log(f"memory capped at {variant['memory_cap_gib']} GiB of {total / GiB:.1f}")
     if variant["foreach"] or variant["overflowcheck"]:
         original_config = engines.deepspeed_config
 
@@ -276,6 +284,7 @@ def run_ours(case: Case, work: Path) -> dict:
     reporting.Reporter.started = on_started
     engines.build_engine = build_engine
     train.run(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {
         "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": config.distributed.zero_stage,
         "offload": config.distributed.offload,
@@ -283,9 +292,10 @@ def run_ours(case: Case, work: Path) -> dict:
         "gradientCheckpointing": {True: "all", False: "none", None: "auto"}[config.training.gradient_checkpointing],
         "checkpointedLayers": started.get("checkpointedLayers"),
         "loraDropout": config.method.lora.dropout,
-        "compile": compiling.wanted(config.training.compile, config.method.type, config.distributed.zero_stage,
-                                    torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "attention": attention.choose(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "compile": compiling.wanted(config.training.compile, config.method.type, config.distributed.zero_stage, device),
+        "attention": attention.choose(device),
+        "fusedLoss": fused["applied"],
+        "memoryCapGiB": variant["memory_cap_gib"],
         "profile": profiler.summary if profiler else None,
     }
 
@@ -449,6 +459,8 @@ def summarise(case: Case, raw: dict) -> dict:
         "loraDropout": raw["loraDropout"],
         "compile": raw["compile"],
         "attention": raw["attention"],
+        "fusedLoss": raw.get("fusedLoss", False),
+        **({"memoryCapGiB": raw["memoryCapGiB"]} if raw.get("memoryCapGiB") else {}),
         "stepTimeMedianS": round(statistics.median(s["seconds"] for s in measured), 4),
         "realTokensPerStepMean": round(tokens / len(measured), 1),
         "measuredSteps": len(measured),
@@ -458,6 +470,7 @@ def summarise(case: Case, raw: dict) -> dict:
         "gflopsPerToken6N": round(flops["flops6N"] / 1e9, 2),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "case": case.name,
+        **({"call": os.environ["BENCH_CALL"]} if os.environ.get("BENCH_CALL") else {}),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if raw.get("profile"):
