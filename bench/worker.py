@@ -67,15 +67,13 @@ def examples_needed(case: Case, micro_batch: int, lengths_mean: float) -> int:
 # ---------------------------------------------------------------- profiling helpers
 
 
-TRACE_PATH: Path | None = None  # --trace: where a profiled case keeps its compact trace
-
-
 class StepProfiler:
     """Profiles the steps after the measured ones; summarises where GPU time goes and, from
     the trace, where and why the GPU sits idle (trace_gaps.py)."""
 
-    def __init__(self, start_after: int, active: int = 2):
-        self.start_after, self.active, self.prof, self.t0, self.seen = start_after, active, None, 0.0, 0
+    def __init__(self, start_after: int, trace_path: Path | None, active: int = 2):
+        self.start_after, self.active, self.prof, self.t0 = start_after, active, None, 0.0
+        self.trace_path = trace_path  # where the compact trace is kept (--trace), or None
         self.summary = None
 
     def on_step_end(self, steps_done: int) -> None:
@@ -92,10 +90,10 @@ class StepProfiler:
             cuda('synchronize')
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            self.summary = summarise_profile(self.prof, wall, self.active)
+            self.summary = summarise_profile(self.prof, wall, self.active, self.trace_path)
 
 
-def summarise_profile(prof, wall_s: float, steps: int) -> dict:
+def summarise_profile(prof, wall_s: float, steps: int, trace_path: Path | None) -> dict:
     """GPU time by kind and the idle analysis come from the trace's kernel, copy and memset
     events (the profiler's per-name averages also hold the GPU spans of record_function
     annotations, which are not kernels); the top-kernels table is for reading."""
@@ -107,8 +105,8 @@ def summarise_profile(prof, wall_s: float, steps: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             prof.export_chrome_trace(f"{tmp}/trace.json")
             small = trace_gaps.compact(json.loads(Path(f"{tmp}/trace.json").read_text()))
-        if TRACE_PATH and os.environ.get("RANK", "0") == "0":  # under torchrun, one process keeps it
-            with gzip.open(TRACE_PATH, "wt") as f:
+        if trace_path and os.environ.get("RANK", "0") == "0":  # under torchrun, one process keeps it
+            with gzip.open(trace_path, "wt") as f:
                 json.dump(small, f)
         summary = {"profiledSteps": steps, "wallSeconds": round(wall_s, 4), **trace_gaps.kernel_summary(small, wall_s)}
         summary["idle"] = trace_gaps.idle_summary(small)
@@ -154,7 +152,7 @@ def mark_trainer_stages() -> None:
 # ---------------------------------------------------------------- ours
 
 
-def run_ours(case: Case, work: Path) -> dict:
+def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
     import torch
 
     from finetune_trainer import attention, compiling, fused_loss
@@ -248,7 +246,7 @@ def run_ours(case: Case, work: Path) -> dict:
     steps: list[dict] = []
     peak = {}
     started = {}
-    profiler = StepProfiler(case.warmup + case.measure) if case.profile else None
+    profiler = StepProfiler(case.warmup + case.measure, trace_path) if case.profile else None
     measured_end = case.warmup + case.measure
 
     original_step = reporting.Reporter.step
@@ -303,7 +301,7 @@ def run_ours(case: Case, work: Path) -> dict:
 # ---------------------------------------------------------------- HF baseline
 
 
-def run_baseline(case: Case, work: Path) -> dict:
+def run_baseline(case: Case, work: Path, trace_path: Path | None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
@@ -347,7 +345,7 @@ def run_baseline(case: Case, work: Path) -> dict:
     steps: list[dict] = []
     peak = {}
     measured_end = case.warmup + measure
-    profiler = StepProfiler(measured_end) if case.profile else None
+    profiler = StepProfiler(measured_end, trace_path) if case.profile else None
 
     def count_tokens(module, args, kwargs):
         mask = kwargs.get("attention_mask")
@@ -487,8 +485,6 @@ def main() -> int:
     parser.add_argument("--result", required=True)
     parser.add_argument("--trace", type=Path, help="where a profiled case writes its compact trace (.json.gz)")
     args = parser.parse_args()
-    global TRACE_PATH
-    TRACE_PATH = args.trace
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The trainer's own log (the activation-memory plan, the data plan) goes into the raw log too.
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
@@ -499,7 +495,7 @@ def main() -> int:
         case = Case.from_json(args.case)
         log(f"case {case.name}: {case.to_json()}")
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            raw = (run_ours if case.system == "ours" else run_baseline)(case, Path(tmp))
+            raw = (run_ours if case.system == "ours" else run_baseline)(case, Path(tmp), args.trace)
         out = summarise(case, raw)
         log("result " + json.dumps({k: v for k, v in out.items() if k != "profile"}))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process runs the case; one reports
