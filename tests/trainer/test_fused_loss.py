@@ -68,9 +68,10 @@ def test_training_loss_and_gradients_match_the_unfused_model(method):
     losses = []
     for model in (reference, fused):
         model.train()
-        loss = model(**collate(rows, device)).loss
-        loss.backward()
-        losses.append(loss.float())
+        output = model(**collate(rows, device))
+        assert (output.logits is None) == (model is fused)  # the fused kernel made no logits
+        output.loss.backward()
+        losses.append(output.loss.float())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
     # LoRA's B starts at zero, so A's first gradient is zero in both: compare the others.
     pairs = [(r, f) for r, f in zip(reference.parameters(), fused.parameters()) if r.grad is not None and r.grad.any()]
