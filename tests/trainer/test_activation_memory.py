@@ -56,7 +56,9 @@ def test_explicit_settings_win_and_auto_is_off_on_cpu(setting, expected):
     model = adapters.prepare_for_training(model, MethodConfig(), enable_checkpointing=setting is not False)
     collate = batching.Collator(tokenizer, packing=True, flatten=False)
     config = _config(gradientCheckpointing=setting)
-    count = activation_memory.plan(model, collate, config, [100, 200], 1, torch.device("cpu"))
+    steps = batching.StepPlan(num_rows=2, micro_batch_size=4, global_batch_size=32, world_size=1, epochs=1,
+                              max_steps=None, seed=0)
+    count = activation_memory.plan(model, collate, config, [100, 200], steps, torch.device("cpu"))
     assert count == expected
     flags = [layer.gradient_checkpointing for layer in activation_memory.checkpointable_layers(model)]
     assert flags == [True] * expected + [False] * (2 - expected)

@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from finetune_trainer.batching import StepPlan
 from finetune_trainer.data import IGNORE_INDEX, Sequence
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,11 @@ def measure(model, collate, rows, device) -> tuple[float | None, tuple[int, floa
     return peak_all, None
 
 
-def plan(model, collate, config, rows_tokens: list[int], world_size: int, device: torch.device) -> int:
+def plan(model, collate, config, rows_tokens: list[int], step_plan: StepPlan, device: torch.device) -> int:
     """Choose and apply how many decoder layers are checkpointed; returns the count.
+
+    `step_plan` gives the process count and the micro-batches a step accumulates, which
+    decide what the engine holds beside the activations.
 
     `rows_tokens` are the training rows' lengths: the largest micro-batch is at most the sum
     of the micro-batch size's largest rows, which for short examples is far below
@@ -155,12 +159,12 @@ def plan(model, collate, config, rows_tokens: list[int], world_size: int, device
         # the forward, which a probe outside the engine cannot reproduce: checkpoint everything.
         count = layers
     else:
-        count = _measured_plan(model, collate, config, rows_tokens, world_size, device, layers)
+        count = _measured_plan(model, collate, config, rows_tokens, step_plan, device, layers)
     set_checkpointed_layers(model, count)
     return count
 
 
-def _measured_plan(model, collate, config, rows_tokens, world_size, device, layers) -> int:
+def _measured_plan(model, collate, config, rows_tokens, step_plan: StepPlan, device, layers) -> int:
     training = config.training
     tokens = sum(sorted(rows_tokens, reverse=True)[: training.micro_batch_size])
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -170,9 +174,9 @@ def _measured_plan(model, collate, config, rows_tokens, world_size, device, laye
         log.warning("gradient checkpointing: every layer; even so a micro-batch of %d tokens ran out of memory", tokens)
         return layers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accumulates = training.global_batch_size > training.micro_batch_size * world_size
     reserve = engine_reserve_bytes(
-        trainable, config.distributed.zero_stage, world_size, config.distributed.offload != "none", accumulates
+        trainable, config.distributed.zero_stage, step_plan.world_size, config.distributed.offload != "none",
+        accumulates=step_plan.accumulation_steps > 1,
     )
     budget = usable_memory_bytes(device) * (1 - FRAGMENTATION_MARGIN) - torch.cuda.memory_allocated(device) - reserve
     count = layers_to_checkpoint(layers, peak_all, other, budget)

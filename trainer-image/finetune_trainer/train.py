@@ -129,7 +129,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         # After compiling (compiled layers keep fewer activations), before the engine (the
         # memory probe runs plain forward/backward passes).
         checkpointed_layers = activation_memory.plan(
-            model, collate, config, [batching.count_tokens([row]) for row in train_rows], dist.world_size, dist.device
+            model, collate, config, [batching.count_tokens([row]) for row in train_rows], plan, dist.device
         )
 
         # 5. Engine.
