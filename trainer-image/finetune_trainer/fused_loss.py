@@ -41,14 +41,11 @@ def apply(model: torch.nn.Module) -> bool:
 
     model_type = getattr(model.config, "model_type", None)
     apply_to = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
-    if apply_to is None:
-        log.info("fused linear + cross-entropy: not available for model type %s; logits are materialised", model_type)
-        return False
     # Each architecture's patch function also swaps in other kernels (RMSNorm, RoPE, SwiGLU,
     # GeGLU...) unless told not to, and their sets differ: turn off every switch but this one.
     switches = {
         name: name == "fused_linear_cross_entropy"
-        for name, parameter in inspect.signature(apply_to).parameters.items()
+        for name, parameter in (inspect.signature(apply_to).parameters.items() if apply_to else ())
         if isinstance(parameter.default, bool)
     }
     if not switches.get("fused_linear_cross_entropy"):
