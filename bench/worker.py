@@ -180,8 +180,9 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
 
     fused_loss.apply = fuse
     if variant["memory_cap_gib"] is not None:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(variant["memory_cap_gib"] * GiB / total, 0)
+        gpu = int(os.environ.get("LOCAL_RANK", "0"))  # under torchrun, this process's own GPU
+        total = torch.cuda.get_device_properties(gpu).total_memory
+        torch.cuda.set_per_process_memory_fraction(variant["memory_cap_gib"] * GiB / total, gpu)
         log(f"memory capped at {variant['memory_cap_gib']} GiB of {total / GiB:.1f}")
     if variant["foreach"] or variant["overflowcheck"]:
         original_config = engines.deepspeed_config
