@@ -1,18 +1,50 @@
+# syntax=docker/dockerfile:1
 # The operator image: the Kopf operator and its API client, no torch.
-# Build: docker build -t finetune-operator:0.1.0 .
-FROM python:3.11.11-slim-bookworm AS build
+#   docker build -t finetune-operator:0.1.0 .
+# `make images` (hack/images.sh) builds the same file with buildah, FROM a Debian bookworm base
+# made with mmdebstrap (PYTHON_BASE=localhost/fto-base:...), since no registry is needed there.
+# Both bases are bookworm with Python 3.11: python:slim's is in /usr/local/bin, Debian's in
+# /usr/bin; the virtual environment at /opt/venv hides the difference.
+ARG PYTHON_BASE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_BASE} AS build
+# pip verifies TLS with the system CA bundle rather than its own copy (hack/images.sh mounts
+# the build host's bundle there during RUN steps, for hosts behind a TLS-inspecting proxy).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+COPY pyproject.toml constraints.txt ./
 COPY operator ./operator
 COPY trainer-image/finetune_trainer ./trainer-image/finetune_trainer
 # Base dependencies only: the [trainer] extra (torch, transformers, ...) stays out. Versions are
 # pinned by constraints.txt, the set the test suite last passed with (`make constraints`).
-RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
+# The pip cache is a build cache mount, never a layer. The package's long description
+# (README.md) is left empty, so README edits do not rebuild the image.
+RUN --mount=type=cache,id=fto-pip,target=/root/.cache/pip \
+    touch README.md \
+ && pip install -c constraints.txt .
 
-FROM python:3.11.11-slim-bookworm
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin operator
-COPY --from=build /install /usr/local
+FROM ${PYTHON_BASE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+# The repository URL (hack/images.sh passes the git remote, when there is one).
+ARG SOURCE=
+LABEL org.opencontainers.image.title="finetune-operator" \
+      org.opencontainers.image.description="Kubernetes operator that turns a FineTuneJob manifest into a fine-tuned model" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# uid/gid 10001: the chart's podSecurityContext runs the pod as 10001:10001 (Debian already
+# has a group named "operator", so the account is "finetune").
+RUN groupadd --gid 10001 finetune \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin finetune
+COPY --from=build /opt/venv /opt/venv
+# Read-only root filesystem: nothing is written at run time (bytecode was compiled at install;
+# the chart mounts an emptyDir at /tmp).
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8080 8081
 ENTRYPOINT ["finetune-operator"]
