@@ -59,11 +59,19 @@ demo: venv
 docs: venv
 	$(PY) -m finetune_operator.apidocs
 
+# The operator, trainer and pause images without Docker or a registry (buildah + mmdebstrap),
+# as OCI archives cached by their inputs' digest; their paths are in
+# ~/.cache/finetune-operator/images/current.env. Needs root; a warm run takes seconds.
+.PHONY: images
+images:
+	hack/images.sh
+
+# The same Dockerfiles with Docker, FROM the public python:slim base.
 trainer-image:
-	docker build -f trainer-image/Dockerfile -t finetune-trainer:0.1.0 .
+	docker build -f trainer-image/Dockerfile --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-trainer:0.1.0 .
 
 image:
-	docker build -t finetune-operator:0.1.0 .
+	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-operator:0.1.0 .
 
 clean: cluster-down
 	rm -rf $(VENV) *.egg-info
