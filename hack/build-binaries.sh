@@ -29,8 +29,10 @@ have() { [ -x "$BIN/$1-$2" ] && ln -sfn "$1-$2" "$BIN/$1"; }
 
 build_kubernetes() {
   local k=$KUBERNETES_VERSION v minor dir gomod
-  if have kube-apiserver "$k" && have kube-controller-manager "$k" && have kube-scheduler "$k" && have kubectl "$k"; then return; fi
-  log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $k (15-25 min on 2 cores)"
+  local b ok=1
+  for b in $K8S_BINARIES; do have "$b" "$k" || ok=0; done
+  [ "$ok" = 1 ] && return
+  log "building $K8S_BINARIES $k (15-25 min on 2 cores)"
   v=v0.${k#v1.}; minor=$(cut -d. -f2 <<<"$k")
   dir=$WORK/k8s-$k; rm -rf "$dir"; mkdir -p "$dir/out"
   (
@@ -45,13 +47,15 @@ build_kubernetes() {
     go get "k8s.io/kubernetes@$k"
     ld="-s -w -X k8s.io/component-base/version.gitVersion=$k -X k8s.io/component-base/version.gitMajor=1"
     ld+=" -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-    go build -trimpath -ldflags "$ld" -o out/ \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+    # shellcheck disable=SC2046
+    go build -trimpath -ldflags "$ld" -o out/ $(printf 'k8s.io/kubernetes/cmd/%s ' $K8S_BINARIES)
   ) >"$LOGS/kubernetes-$k.log" 2>&1 || { log "kubernetes build failed, see $LOGS/kubernetes-$k.log"; tail -20 "$LOGS/kubernetes-$k.log" >&2; return 1; }
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do install_bin "$dir/out/$b" "$b" "$k"; done
+  for b in $K8S_BINARIES; do install_bin "$dir/out/$b" "$b" "$k"; done
   rm -rf "$dir"
 }
+
+# The kubelet runs the local cluster's real node (hack/real_node.sh).
+K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet"
 
 build_etcd() {
   local e=$ETCD_VERSION dir

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # A real local control plane, no Docker: etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler and kwok (fake nodes that run pods through scripted stages), all bound to
-# 127.0.0.1 and built from their Go modules by hack/build-binaries.sh.
+# 127.0.0.1 and built from their Go modules by hack/build-binaries.sh; and one real node,
+# local-0: the upstream kubelet with containerd and runc, running the product's own images
+# (hack/node.sh, hack/images.sh). It is tainted finetune.ai/local-node, so only pods that
+# tolerate it run there; every other pod lands on kwok's nodes.
 #
 #   hack/cluster.sh up [--karpenter]
 #                           start it (idempotent: a healthy cluster is left as it is); with
 #                           --karpenter also Karpenter's KWOK provider, so NodePools become nodes
-#   hack/cluster.sh down    stop the processes it started, by pid, and remove their state
+#   hack/cluster.sh down    stop the processes it started, by pid (containers and their shims
+#                           included), unmount what they mounted and remove their state
 #   hack/cluster.sh status  say whether it is up
 #
 # State, logs and pids live in $CLUSTER_DIR (default .cluster/ in the repository); the
@@ -16,6 +20,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 source "$here/versions.env"
+CACHE=${FTO_CACHE:-$HOME/.cache/finetune-operator}
 
 CLUSTER_DIR=${CLUSTER_DIR:-$repo/.cluster}
 APISERVER_PORT=${APISERVER_PORT:-6443}
@@ -28,6 +33,9 @@ KARPENTER_METRICS_PORT=${KARPENTER_METRICS_PORT:-18090}
 KARPENTER_HEALTH_PORT=${KARPENTER_HEALTH_PORT:-18091}
 # Pod IPs handed out by kwok: inside 127.0.0.0/8 so nothing ever points outside loopback.
 POD_CIDR=${POD_CIDR:-127.100.0.0/16}
+# Service ClusterIPs, on loopback too; the first one is the `kubernetes` Service's.
+SERVICE_CIDR=127.96.0.0/16
+KUBERNETES_SERVICE_IP=127.96.0.1
 
 PIDS=$CLUSTER_DIR/pids
 LOGS=$CLUSTER_DIR/logs
@@ -62,6 +70,9 @@ wait_for() { # description seconds command...
 
 kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
+# shellcheck source=node.sh
+source "$here/node.sh"
+
 make_pki() {
   [ -f "$PKI/serving.crt" ] && return
   mkdir -p "$PKI"
@@ -70,7 +81,7 @@ make_pki() {
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=finetune-local-ca" \
       -keyout ca.key -out ca.crt
     openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout serving.key -out serving.csr
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    printf 'subjectAltName=IP:127.0.0.1,IP:%s,DNS:localhost,DNS:kubernetes.default.svc\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$KUBERNETES_SERVICE_IP" >ext.cnf
     openssl x509 -req -in serving.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
       -extfile ext.cnf -out serving.crt
     openssl genrsa -out sa.key 2048
@@ -78,11 +89,13 @@ make_pki() {
     # Static bearer tokens: the admin (system:masters) for people and tests.
     echo "$(openssl rand -hex 24),admin,admin,system:masters" >tokens.csv
   ) >"$LOGS/pki.log" 2>&1
+  node_pki
 }
 
 write_kubeconfig() {
   local token; token=$(cut -d, -f1 "$PKI/tokens.csv")
-  umask 077
+  # Created owner-only before the token goes in (a umask here would reach every process started after).
+  install -m 600 /dev/null "$KUBECONFIG_FILE"
   cat >"$KUBECONFIG_FILE" <<EOF
 apiVersion: v1
 kind: Config
@@ -137,7 +150,7 @@ karpenter_up() {
 up() {
   BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
   mkdir -p "$PIDS" "$LOGS"
-  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok; then
+  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok && alive kubelet && alive kubernetes-service; then
     say "already running ($KUBECONFIG_FILE)"
     if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
     return
@@ -156,8 +169,10 @@ up() {
     --tls-cert-file="$PKI/serving.crt" --tls-private-key-file="$PKI/serving.key" --client-ca-file="$PKI/ca.crt" \
     --token-auth-file="$PKI/tokens.csv" --authorization-mode=Node,RBAC \
     --service-account-issuer="https://127.0.0.1:$APISERVER_PORT" --service-account-key-file="$PKI/sa.pub" \
-    --service-account-signing-key-file="$PKI/sa.key" --service-cluster-ip-range=127.96.0.0/16 \
+    --service-account-signing-key-file="$PKI/sa.key" --service-cluster-ip-range="$SERVICE_CIDR" \
     --allow-privileged=false --endpoint-reconciler-type=none --enable-priority-and-fairness=false \
+    --kubelet-client-certificate="$PKI/apiserver-kubelet.crt" --kubelet-client-key="$PKI/apiserver-kubelet.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --profiling=false --v=1
   wait_for kube-apiserver 90 kubectl get --raw /readyz
 
@@ -182,12 +197,14 @@ up() {
   kubectl apply -f "$here/nodes.yaml" >"$LOGS/nodes.log" 2>&1
   wait_for "nodes Ready" 60 kubectl wait --for=condition=Ready node --all --timeout=1s
   wait_for "default service account" 60 kubectl -n default get serviceaccount default
+  node_up
   if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
   say "up: export KUBECONFIG=$KUBECONFIG_FILE"
 }
 
 down() {
   local name pid
+  node_down
   for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [ -f "$PIDS/$name" ] || continue
     pid=$(cat "$PIDS/$name")
@@ -198,7 +215,7 @@ down() {
     fi
     rm -f "$PIDS/$name"
   done
-  rm -rf "$CLUSTER_DIR"
+  rm -rf --one-file-system "$CLUSTER_DIR"
   say "down"
 }
 

@@ -5,10 +5,11 @@
 #      and etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok, kubectl and helm
 #      built from their Go modules (hack/build-binaries.sh; cached by version);
 #   2. starts the local control plane (hack/cluster.sh up, state in .cluster/);
-#   3. starts the process node (hack/process_node): the one node whose pods really run, as local
-#      processes; tainted, so only pods that tolerate it land there;
-#   4. installs the operator with the Helm chart; its pod runs on the process node and talks to
-#      the API server in-cluster, as its least-privilege ServiceAccount;
+#   3. the cluster's one real node, local-0: the upstream kubelet with containerd and runc,
+#      running the product's images (`make images` builds them with buildah; the cluster script
+#      imports them); tainted, so only pods that tolerate it land there;
+#   4. installs the operator with the Helm chart; its pod runs from the operator image on
+#      local-0 and talks to the API server in-cluster, as its least-privilege ServiceAccount;
 #   5. creates PersistentVolumes/Claims `data` (holding examples/data/quickstart.jsonl) and
 #      `models` on local directories under .demo/, applies examples/quickstart.yaml and follows
 #      it with `kubectl finetune watch`;
@@ -17,7 +18,7 @@
 # The operator watches only the `default` namespace (a Role there, nothing cluster-wide), so a
 # demo left running never competes with the operators the tests start in their own namespaces.
 # Everything it starts logs under .cluster/logs/ and keeps running afterwards, so you can look
-# around; `make cluster-down` stops it all (the process node exits with the API server).
+# around; `make cluster-down` stops it all, the node's containers included.
 # The trained adapter stays in .demo/models/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,9 @@ trap 'rc=$?; if [ $rc -ne 0 ]; then echo "demo failed (exit $rc); logs: $CLUSTER
 
 [ -x .venv/bin/finetune-operator ] || fail "no .venv: run \`make demo\` (it installs the venv first)"
 
-say "Installing control-plane binaries and helm (cached after the first build)"
+say "Installing control-plane binaries, helm and the images (cached after the first build)"
 BIN=$(hack/build-binaries.sh etcd kwok kubernetes helm)
+hack/images.sh
 export PATH="$BIN:$PATH"
 start=$SECONDS
 
@@ -49,40 +51,27 @@ mkdir -p "$LOGS" "$PIDS"
 
 say "Preparing volumes in .demo/ (data: the quickstart dataset; models: the output)"
 mkdir -p "$DEMO_DIR/data" "$DEMO_DIR/models"
+# The trainer runs as uid 1000 (build_job's securityContext) and hostPath volumes keep their
+# owners: the output directory must be its.
+chown 1000:1000 "$DEMO_DIR/models"
 cp examples/data/quickstart.jsonl "$DEMO_DIR/data/"
 # A fresh run: the previous quickstart job, its Model and its output go first.
 kubectl -n "$NAMESPACE" delete finetunejob quickstart --ignore-not-found --wait=true >>"$LOGS/demo.log" 2>&1 || true
 kubectl -n "$NAMESPACE" delete model quickstart --ignore-not-found --wait=true >>"$LOGS/demo.log" 2>&1 || true
 rm -rf "$DEMO_DIR/models/quickstart"
 
-node_alive() { [ -f "$PIDS/process-node" ] && kill -0 "$(cat "$PIDS/process-node")" 2>/dev/null; }
-if node_alive; then
-  say "Process node already running (pid $(cat "$PIDS/process-node"))"
-else
-  say "Starting the process node local-0 (log: .cluster/logs/process-node.log)"
-  PYTHONPATH=hack setsid python -m process_node --kubeconfig "$KUBECONFIG" --node-name local-0 \
-    --state-dir "$CLUSTER_DIR/process-node" --log-file "$LOGS/process-node.log" \
-    --volume "data=$DEMO_DIR/data" --volume "models=$DEMO_DIR/models" \
-    --taint finetune.ai/process-node=true:NoSchedule --cpu 4 --memory 16Gi \
-    --exit-with-pid "$(cat "$PIDS/kube-apiserver")" </dev/null >>"$LOGS/process-node.log" 2>&1 &
-  echo $! >"$PIDS/process-node"
-fi
-for _ in $(seq 60); do
-  [ "$(kubectl get node local-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ] && break
-  node_alive || fail "the process node exited; see $LOGS/process-node.log"
-  sleep 0.5
-done
-kubectl wait --for=condition=Ready node/local-0 --timeout=5s >/dev/null
-
 say "Installing the operator with Helm (charts/finetune-operator) into $OPERATOR_NAMESPACE"
 helm upgrade --install "$RELEASE" charts/finetune-operator --namespace "$OPERATOR_NAMESPACE" --create-namespace \
-  --values charts/finetune-operator/ci/process-node-values.yaml --set "watchNamespaces={$NAMESPACE}" \
+  --values charts/finetune-operator/ci/local-node-values.yaml --set "watchNamespaces={$NAMESPACE}" \
   --wait --timeout 180s >>"$LOGS/helm.log" 2>&1 \
   || fail "helm install failed; see $LOGS/helm.log"
 pod=$(kubectl -n "$OPERATOR_NAMESPACE" get pods -l app.kubernetes.io/instance="$RELEASE" \
   --field-selector=status.phase=Running -o jsonpath='{.items[0].metadata.name}')
-echo "    operator pod $pod is Running on node $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.spec.nodeName}')" \
+node=$(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.spec.nodeName}')
+echo "    operator pod $pod is Running on node $node" \
+  "($(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.containerRuntimeVersion}'))" \
   "as ServiceAccount $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.spec.serviceAccountName}')"
+echo "    image $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].imageID}')"
 
 say "Claims data and models, bound to hostPath PersistentVolumes in .demo/"
 for claim in data models; do
@@ -115,6 +104,11 @@ kubectl -n "$NAMESPACE" apply -f examples/quickstart.yaml | sed 's/^/    /'
 
 say "kubectl finetune watch quickstart"
 kubectl-finetune watch quickstart -n "$NAMESPACE" --interval 2 || fail "the job did not succeed: kubectl finetune status quickstart"
+trainer=$(kubectl -n "$NAMESPACE" get pods -l finetune.ai/job=quickstart -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+if [ -n "$trainer" ]; then
+  echo "    trainer pod $trainer ran on node $(kubectl -n "$NAMESPACE" get pod "$trainer" -o jsonpath='{.spec.nodeName}')" \
+    "from $(kubectl -n "$NAMESPACE" get pod "$trainer" -o jsonpath='{.status.containerStatuses[0].imageID}')"
+fi
 
 say "The published Model"
 kubectl -n "$NAMESPACE" wait --for=jsonpath='{.status.phase}'=Ready model/quickstart --timeout=60s >/dev/null
@@ -139,7 +133,7 @@ echo "    adapter files: $(cd "$out" && ls | tr '\n' ' ')"
 elapsed=$((SECONDS - start))
 say "Done in $((elapsed / 60))m$(printf %02d $((elapsed % 60)))s (after installs)"
 cat <<EOF
-    The cluster, the process node and the operator keep running:
+    The cluster, its node local-0 and the operator keep running:
       export KUBECONFIG=$KUBECONFIG PATH=$BIN:$repo/.venv/bin:\$PATH
       kubectl finetune list; kubectl finetune logs quickstart; kubectl get ftj,models
     Logs: $LOGS/   Stop everything: make cluster-down   (the adapter stays in $out)

@@ -159,6 +159,9 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "volumes": volumes,
         **placement,
     }
+    if settings.trainer_host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     if needs_service(job):
         pod_spec["subdomain"] = name
     job_spec = {

@@ -16,6 +16,10 @@ class OperatorSettings(BaseSettings):
         description="Image of the trainer container.",
     )
     trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    trainer_host_network: bool = Field(
+        default=False,
+        description="Run trainer pods in the node's network namespace (nodes without a pod network, RDMA NICs).",
+    )
     default_provisioner: Literal["karpenter", "existing", "none"] = "none"
     namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty watches all.")
     lease_name: str = "finetune-operator"

@@ -1,18 +1,27 @@
-"""Fixtures for end-to-end tests: helm from the binary cache, and a process node (a node whose
-pods really run, as local processes) for the trainer and the Helm-installed operator."""
+"""Fixtures for end-to-end tests: helm from the binary cache, and the local cluster's real node
+(local-0: the upstream kubelet with containerd and runc, started by hack/cluster.sh) whose pods
+run the product's own images."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from kubetools import CACHE, REPO, ProcessNode
+from kubetools import CACHE, REPO, Kubectl
 
 HELM = str(CACHE / "bin" / "helm")
 CHART = REPO / "charts" / "finetune-operator"
-TAINT_KEY = "finetune.ai/process-node"
+LOCAL_NODE_VALUES = CHART / "ci" / "local-node-values.yaml"
+NODE_LABEL = "finetune.ai/local-node"
+# The names `make images` gives the images and the cluster script imports into containerd.
+TRAINER_IMAGE = "finetune-trainer:0.1.0"
+OPERATOR_IMAGE = "finetune-operator:0.1.0"
+# build_job runs the trainer as this user; hostPath volumes keep their owners.
+TRAINER_UID = 1000
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +37,36 @@ def helm(kubeconfig: str):
     return run
 
 
-@pytest.fixture
-def process_node(kubeconfig: str, tmp_path: Path, request):
-    # Tainted, so only pods that tolerate it and select its hostname land there; PVCs resolve to
-    # their hostPath PVs' directories.
-    node = ProcessNode(kubeconfig, tmp_path, "e2e", ["--heartbeat-seconds", "5", "--shutdown-grace-seconds", "5"],
-                       taint_key=TAINT_KEY).start()
-    yield node
-    node.stop()
-    node.delete()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"\n----- process node log ({node.log_path}) -----\n{node.log[-6000:]}")
+@dataclass(frozen=True)
+class LocalNode:
+    name: str
+    node: dict
+
+    @property
+    def placement(self) -> dict:
+        """nodeSelector and toleration that put a pod on this node (it is tainted)."""
+        return {"nodeSelector": {NODE_LABEL: "true"},
+                "tolerations": [{"key": NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+@pytest.fixture(scope="session")
+def local_node(kubeconfig: str) -> LocalNode:
+    nodes = Kubectl(kubeconfig).json("get", "nodes", "-l", NODE_LABEL)["items"]
+    if not nodes:
+        pytest.fail("the cluster has no real node (hack/cluster.sh up starts local-0): run the tests with `make test`")
+    node = nodes[0]
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+    assert ready, f"node {node['metadata']['name']} is not Ready: {node['status']['conditions']}"
+    return LocalNode(node["metadata"]["name"], node)
+
+
+def volume_dirs(kubeconfig: str, namespace: str) -> tuple[Path, Path]:
+    """The host directories behind the `claims` fixture's PVs `data` and `models`, made, with the
+    output directory owned by the trainer's user."""
+    cluster = Kubectl(kubeconfig)
+    data = Path(cluster.get("pv", f"{namespace}-data")["spec"]["hostPath"]["path"])
+    models = Path(cluster.get("pv", f"{namespace}-models")["spec"]["hostPath"]["path"])
+    for d in (data, models):
+        d.mkdir(parents=True, exist_ok=True)
+    os.chown(models, TRAINER_UID, TRAINER_UID)
+    return data, models

@@ -1,6 +1,7 @@
 """The Helm chart, for real: lint, schema validation of every rendering by the real API server,
-and an install whose operator (a pod on a process node, in-cluster credentials, the chart's RBAC)
-trains a job to a Ready Model; then uninstall leaves only what Helm conventions keep.
+and an install whose operator (a pod of the operator image on the cluster's real node, with the
+chart's securityContext in effect, in-cluster credentials, the chart's RBAC) trains a job in the
+trainer image to a Ready Model; then uninstall leaves only what Helm conventions keep.
 
 Validation: `kubectl apply --dry-run=server --validate=strict` against the local API server,
 rather than kubeconform. The API server is what kubeconform approximates: it checks every object
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 import uuid
@@ -24,15 +26,14 @@ import yaml
 
 from kubetools import REPO, VENV_BIN, Kubectl, free_port, wait_for
 
-from conftest import CHART
+from conftest import CHART, LOCAL_NODE_VALUES, OPERATOR_IMAGE, TRAINER_IMAGE, volume_dirs
 
 pytestmark = pytest.mark.integration
-PROCESS_NODE_VALUES = CHART / "ci" / "process-node-values.yaml"
 RELEASE_KINDS = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,configmaps,secrets"
 
 
 def test_lint(helm) -> None:
-    for extra in ([], ["-f", str(PROCESS_NODE_VALUES)], ["--set", "watchNamespaces={a,b}", "--set", "karpenter.enabled=true"]):
+    for extra in ([], ["-f", str(LOCAL_NODE_VALUES)], ["--set", "watchNamespaces={a,b}", "--set", "karpenter.enabled=true"]):
         out = helm("lint", "--strict", str(CHART), *extra).stdout
         assert "0 chart(s) failed" in out, out
 
@@ -43,11 +44,11 @@ def _docs(text: str) -> list[dict]:
 
 @pytest.mark.parametrize("values", [
     [],
-    ["-f", str(PROCESS_NODE_VALUES)],
+    ["-f", str(LOCAL_NODE_VALUES)],
     ["--set", "watchNamespaces={NS}", "--set", "karpenter.enabled=true", "--set", "replicaCount=2",
      "--set-json", 'karpenter.nodeClassRef={"group":"karpenter.kwok.sh","kind":"KWOKNodeClass","name":"default"}',
      "--set", "metrics.serviceMonitor.enabled=true", "--set", "progress.enabled=false"],
-], ids=["defaults", "process-node", "namespaced-karpenter"])
+], ids=["defaults", "local-node", "namespaced-karpenter"])
 def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace: str, values: list[str]) -> None:
     values = [v.replace("NS", namespace) for v in values]
     rendered = helm("template", "v", str(CHART), "--namespace", namespace, "--include-crds", *values).stdout
@@ -83,44 +84,57 @@ def _released(helm, release: str, namespace: str) -> None:
     helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", check=False)
 
 
+def _image_ref(pod: dict) -> str:
+    return pod["status"]["containerStatuses"][0]["image"]
+
+
 def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubectl, namespace: str, claims,
-                                                          process_node, tmp_path: Path) -> None:
+                                                          local_node, tmp_path: Path) -> None:
     release = f"e2e-{uuid.uuid4().hex[:6]}"
     fullname = f"{release}-finetune-operator"
     cluster = Kubectl(kubectl.kubeconfig)
-    # The operator pod runs on the process node, sharing the host's ports: free ones.
+    # The operator pod shares the node's ports: free ones, and a Service address of its own.
     ports = {"metrics.port": free_port(), "healthPort": free_port(), "progress.port": free_port()}
-    values = {**yaml.safe_load(PROCESS_NODE_VALUES.read_text()), **process_node.placement,
-              "watchNamespaces": [namespace]}
+    cluster_ip = f"127.96.{random.randint(100, 250)}.{random.randint(1, 254)}"
+    values = {**yaml.safe_load(LOCAL_NODE_VALUES.read_text()), "watchNamespaces": [namespace]}
     values["metrics"] = {**values["metrics"], "port": ports["metrics.port"]}
     values["healthPort"] = ports["healthPort"]
-    values["progress"] = {"port": ports["progress.port"], "url": f"http://127.0.0.1:{ports['progress.port']}"}
+    values["progress"] = {"port": ports["progress.port"], "url": f"http://{cluster_ip}:{ports['progress.port']}",
+                          "service": {"clusterIP": cluster_ip}}
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     try:
         helm("install", release, str(CHART), "--namespace", namespace, "-f", str(values_file),
-             "--wait", "--timeout", "120s")
+             "--wait", "--timeout", "180s")
         pod = kubectl.items("pods", f"app.kubernetes.io/instance={release}")[0]
-        assert pod["spec"]["nodeName"] == process_node.name
+        name = pod["metadata"]["name"]
+        assert pod["spec"]["nodeName"] == local_node.name
         assert pod["spec"]["serviceAccountName"] == fullname
+        # The operator image, run by containerd on the real node.
+        assert _image_ref(pod) == f"docker.io/library/{OPERATOR_IMAGE}"
+        assert local_node.node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+        assert cluster.get("service", fullname)["spec"]["clusterIP"] == cluster_ip
+        # The chart's securityContext, in effect (kubectl exec: API server -> kubelet -> runc).
+        whoami = kubectl("exec", name, "--", "id", "-u").stdout.strip()
+        assert whoami == "10001"
+        write = kubectl("exec", name, "--", "python", "-c", "open('/probe', 'w')", check=False)
+        assert write.returncode != 0 and "Read-only file system" in write.stderr, write
         # It authenticated in-cluster as its ServiceAccount and leads.
         lease = wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity"), 60,
                          what="the operator to take its Lease")
-        assert lease == pod["metadata"]["name"]
+        assert lease == name
 
-        # The quickstart, placed on this test's process node; data where the `data` PV points.
-        data_dir = Path(cluster.get("pv", f"{namespace}-data")["spec"]["hostPath"]["path"])
-        models_dir = Path(cluster.get("pv", f"{namespace}-models")["spec"]["hostPath"]["path"])
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # The quickstart, on the real node; data where the `data` PV points.
+        data_dir, models_dir = volume_dirs(kubectl.kubeconfig, namespace)
         shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data_dir)
         job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-        job["spec"]["nodePool"] = {"provisioner": "existing", **process_node.placement}
+        job["spec"]["nodePool"] = {"provisioner": "existing", **local_node.placement}
         kubectl.apply(job)
 
         def finished() -> dict | None:
             ftj = kubectl.get("ftj", "quickstart")
             return ftj if ftj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
-        ftj = wait_for(finished, 420, interval=2, what="the quickstart job to finish")
+        ftj = wait_for(finished, 480, interval=2, what="the quickstart job to finish")
         assert ftj["status"]["phase"] == "Succeeded", json.dumps(ftj["status"], indent=1)
 
         model = wait_for(lambda: (m := kubectl.get("model", "quickstart")) and m.get("status", {}).get("phase") == "Ready" and m,
@@ -129,8 +143,20 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         assert model["spec"]["adapter"]["sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
         metrics = json.loads((models_dir / "quickstart" / "result.json").read_text())["metrics"]
         assert metrics["evalLoss"] < metrics["initialEvalLoss"]
-        operator_log = process_node.container_log(namespace, fullname)
+        # The trainer ran from the trainer image on the real node, as build_job's non-root user
+        # (the output files are that user's).
+        trainer = kubectl.items("pods", "finetune.ai/job=quickstart")[0]
+        assert trainer["spec"]["nodeName"] == local_node.name
+        assert _image_ref(trainer) == f"docker.io/library/{TRAINER_IMAGE}"
+        assert adapter.stat().st_uid == 1000
+        # Live progress reached the operator through its Service's address.
+        assert ftj["status"]["progress"]["step"] == ftj["status"]["progress"]["totalSteps"]
+        operator_log = kubectl("logs", name).stdout
         assert "login_with_service_account" not in operator_log and "Traceback" not in operator_log
+        assert f"{namespace}/quickstart" in operator_log
+        # It survived the whole run with its read-only root filesystem.
+        operator_pod = kubectl.get("pod", name)
+        assert operator_pod["status"]["containerStatuses"][0]["restartCount"] == 0
 
         # kubectl finetune against the cluster
         plugin = [str(VENV_BIN / "kubectl-finetune")]

@@ -55,6 +55,15 @@ def test_single_process_job():
     assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "subdomain" not in pod
+    assert "hostNetwork" not in pod
+
+
+def test_host_network_is_a_setting_for_nodes_without_a_pod_network():
+    settings = OperatorSettings(trainer_host_network=True)
+    pod = children.build_job(make_job(), settings)["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    # Service names must still resolve through the cluster's DNS, not the node's.
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
 
 
 def test_gpu_job_requests_accelerators_and_shared_memory():
