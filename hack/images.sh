@@ -355,11 +355,31 @@ except OSError:
     pass'
 SMOKE_OPERATOR='import os, kopf, kr8s, finetune_operator.main'"$SMOKE_RO"'
 print("uid", os.getuid(), "operator imports")'
-SMOKE_TRAINER='import os, torch, transformers, peft, deepspeed, liger_kernel, finetune_trainer.train'"$SMOKE_RO"'
+# The trainer's smoke run is a real one: two LoRA steps on preset://tiny-llama on CPU (which
+# also JIT-builds DeepSpeed's CPU comm op under HOME=/tmp, as a CPU node's pod does).
+SMOKE_TRAINER='import json, os, torch, transformers, peft, deepspeed, liger_kernel'"$SMOKE_RO"'
 import deepspeed.ops.adam.cpu_adam_op
 from deepspeed.git_version_info import installed_ops, accelerator_name
 assert installed_ops["cpu_adam"] and accelerator_name == "cuda", (installed_ops, accelerator_name)
-print("uid", os.getuid(), "torch", torch.__version__, "deepspeed", deepspeed.__version__, "cpu_adam prebuilt")'
+d = "/tmp/smoke"
+os.makedirs(d)
+with open(d + "/train.jsonl", "w") as f:
+    for a in range(16):
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} plus {a}?"},
+                                         {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}]}) + "\n")
+config = {"jobName": "smoke", "baseModel": {"source": "preset://tiny-llama"},
+          "dataset": {"path": d + "/train.jsonl", "validationSplit": 0.0},
+          "method": {"type": "lora", "lora": {"r": 4, "alpha": 8}},
+          "training": {"maxSteps": 2, "microBatchSize": 2, "globalBatchSize": 4, "maxSeqLength": 64},
+          "output": {"dir": d + "/out"}}
+with open(d + "/config.json", "w") as f:
+    json.dump(config, f)
+from finetune_trainer.cli import main
+rc = main(["--config", d + "/config.json"])
+assert rc == 0, rc
+result = json.load(open(d + "/out/result.json"))
+print("uid", os.getuid(), "torch", torch.__version__, "deepspeed", deepspeed.__version__,
+      "cpu_adam prebuilt, 2 CPU steps, train loss", round(result["metrics"]["trainLoss"], 3))'
 
 smoke() { # NAME COMMAND...
   local name=$1 t0=$SECONDS out
@@ -427,6 +447,7 @@ EOF
   fi
   if [ -n "${TRAINER_IMAGE_ARCHIVE:-}" ]; then
     smoke trainer "${run[@]}" --mount type=tmpfs,src=tmpfs,dst=/tmp,options=rw:nosuid:nodev \
+      --env HF_HUB_OFFLINE=1 --env OMP_NUM_THREADS=1 \
       "$TRAINER_IMAGE" "fto-verify-trainer-$$" python -c "$SMOKE_TRAINER" || ok=0
   fi
   kill "$pid" 2>/dev/null || true
