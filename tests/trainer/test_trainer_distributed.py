@@ -78,3 +78,23 @@ def test_zero3_dora_and_full_save_complete_weights(single_process):
     assert result["metrics"]["steps"] == 2
     changed = [k for k in expected if not torch.equal(state[k], base.state_dict()[k])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed  # trained, not the initial weights
+
+
+def test_deepspeed_never_jit_compiles_its_cpu_shm_op_at_start():
+    # Compiling it costs over a minute at every trainer pod start on CPU nodes (and needs a
+    # C++ compiler); unless it was prebuilt, DeepSpeed is told it is unavailable.
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+
+    from finetune_trainer import distributed
+
+    assert not installed_ops.get("deepspeed_shm_comm")
+    ops = deepspeed.ops.__compatible_ops__
+    saved = ops.get("deepspeed_shm_comm")
+    try:
+        ops["deepspeed_shm_comm"] = True
+        distributed._skip_unbuilt_shm_allreduce(deepspeed)
+        assert ops["deepspeed_shm_comm"] is False
+    finally:
+        ops["deepspeed_shm_comm"] = saved
