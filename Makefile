@@ -41,9 +41,12 @@ cluster:
 cluster-down:
 	hack/cluster.sh down
 
-# The operator from source, in the foreground, against the local cluster.
+# The operator from source, in the foreground, against the local cluster; its trainer pods run
+# on local-0 from the imported trainer image, in the node's network (docs/local-node.md).
 operator: venv cluster
 	KUBECONFIG=$(KUBECONFIG_LOCAL) FINETUNE_METRICS_PORT=18080 FINETUNE_HEALTH_PORT=18081 \
+		FINETUNE_PROGRESS_PORT=18082 FINETUNE_PROGRESS_URL=http://127.0.0.1:18082 \
+		FINETUNE_TRAINER_IMAGE_PULL_POLICY=Never FINETUNE_TRAINER_HOST_NETWORK=true \
 		$(VENV)/bin/finetune-operator
 
 test: venv binaries

@@ -152,6 +152,7 @@ up() {
   mkdir -p "$PIDS" "$LOGS"
   if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok && alive kubelet && alive kubernetes-service; then
     say "already running ($KUBECONFIG_FILE)"
+    build_images && import_images
     if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
     return
   fi

@@ -71,7 +71,7 @@ node=$(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.spec.nodeN
 echo "    operator pod $pod is Running on node $node" \
   "($(kubectl get node "$node" -o jsonpath='{.status.nodeInfo.containerRuntimeVersion}'))" \
   "as ServiceAccount $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.spec.serviceAccountName}')"
-echo "    image $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].imageID}')"
+echo "    image $(kubectl -n "$OPERATOR_NAMESPACE" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].image} ({.status.containerStatuses[0].imageID})')"
 
 say "Claims data and models, bound to hostPath PersistentVolumes in .demo/"
 for claim in data models; do
@@ -107,7 +107,7 @@ kubectl-finetune watch quickstart -n "$NAMESPACE" --interval 2 || fail "the job 
 trainer=$(kubectl -n "$NAMESPACE" get pods -l finetune.ai/job=quickstart -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
 if [ -n "$trainer" ]; then
   echo "    trainer pod $trainer ran on node $(kubectl -n "$NAMESPACE" get pod "$trainer" -o jsonpath='{.spec.nodeName}')" \
-    "from $(kubectl -n "$NAMESPACE" get pod "$trainer" -o jsonpath='{.status.containerStatuses[0].imageID}')"
+    "from $(kubectl -n "$NAMESPACE" get pod "$trainer" -o jsonpath='{.status.containerStatuses[0].image} ({.status.containerStatuses[0].imageID})')"
 fi
 
 say "The published Model"

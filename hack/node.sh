@@ -191,17 +191,28 @@ kubernetes_service_up() {
   wait_for "the kubernetes Service at $ip:$port" 30 curl -sk --cacert "$PKI/ca.crt" "https://$ip:$port/readyz"
 }
 
-node_up() {
-  "$here/images.sh"   # a no-op when the inputs are unchanged
+# The images of the current tree: built if needed (a no-op when the inputs are unchanged).
+build_images() {
+  "$here/images.sh" >>"$LOGS/images.log"
   # shellcheck source=/dev/null
   source "$CACHE/images/current.env"
-  mkdir -p "$NODE_DIR"
-  node_pki
-  containerd_up
-  kubernetes_service_up
+}
+
+# ...and imported where containerd lacks them; also into a cluster that is already up, so it
+# never runs images older than the tree.
+import_images() {
   import_image "$PAUSE_IMAGE_ARCHIVE" "$PAUSE_IMAGE"
   import_image "$OPERATOR_IMAGE_ARCHIVE" "$OPERATOR_IMAGE"
   import_image "$TRAINER_IMAGE_ARCHIVE" "$TRAINER_IMAGE"
+}
+
+node_up() {
+  mkdir -p "$NODE_DIR"
+  node_pki
+  build_images       # before containerd: its config names the pause image
+  containerd_up
+  import_images
+  kubernetes_service_up
   if ! alive kubelet; then
     kubelet_config
     start kubelet "$BIN/kubelet" --config="$NODE_DIR/kubelet.yaml" --kubeconfig="$NODE_DIR/kubelet.kubeconfig" \
