@@ -113,7 +113,7 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         # The operator image, run by containerd on the real node.
         assert _image_ref(pod) == f"docker.io/library/{OPERATOR_IMAGE}"
         assert local_node.node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
-        assert cluster.get("service", fullname)["spec"]["clusterIP"] == cluster_ip
+        assert kubectl.get("service", fullname)["spec"]["clusterIP"] == cluster_ip
         # The chart's securityContext, in effect (kubectl exec: API server -> kubelet -> runc).
         whoami = kubectl("exec", name, "--", "id", "-u").stdout.strip()
         assert whoami == "10001"
