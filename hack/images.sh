@@ -192,14 +192,21 @@ setup_buildah() {
   log "buildah $(buildah --version | awk '{print $3}'), storage driver $driver, root $STORE"
 }
 
+VERIFY_PID="" VERIFY_DIR=""
 cleanup() {
   local rc=$?
+  trap - PIPE
+  stop_verify_containerd
   rm -f "$CACHE"/*.tar.tmp "$ENV_FILE.tmp"
   rm -rf "$WORK"
   if [ "${#BUILDAH[@]}" -gt 0 ]; then bah rm --all >/dev/null 2>&1 || true; fi
   exit "$rc"
 }
 trap cleanup EXIT
+# A signal (or a closed stderr) ends the script through cleanup too.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 141' PIPE
 
 # Keeps only the newest archive of an image.
 prune_archives() { # PREFIX KEEP
@@ -394,6 +401,21 @@ smoke() { # NAME COMMAND...
   fi
 }
 
+# Stops verify's throwaway containerd (by its pid) and removes its directory.
+stop_verify_containerd() {
+  if [ -n "$VERIFY_PID" ]; then
+    kill "$VERIFY_PID" 2>/dev/null || true
+    wait "$VERIFY_PID" 2>/dev/null || true
+    VERIFY_PID=""
+  fi
+  if [ -n "$VERIFY_DIR" ]; then
+    # A run that failed half-way can leave its rootfs mounted there.
+    awk -v d="$VERIFY_DIR/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | xargs -r umount -l
+    rm -rf "$VERIFY_DIR"
+    VERIFY_DIR=""
+  fi
+}
+
 verify_archives() {
   command -v containerd >/dev/null || {
     log "installing containerd with apt-get (log: $LOGS/apt.log)"
@@ -404,6 +426,7 @@ verify_archives() {
   source "$ENV_FILE"
   local d pid l=$LOGS/verify.log ok=1
   d=$(mktemp -d "$CACHE/verify.XXXXXX")
+  VERIFY_DIR=$d
   cat >"$d/config.toml" <<EOF
 version = 2
 root = "$d/root"
@@ -421,6 +444,7 @@ EOF
   : >"$l"
   containerd --config "$d/config.toml" >>"$l" 2>&1 &
   pid=$!
+  VERIFY_PID=$pid
   for _ in $(seq 50); do [ -S "$d/containerd.sock" ] && break; sleep 0.2; done
   local pair name archive t0
   for pair in "$OPERATOR_IMAGE=${OPERATOR_IMAGE_ARCHIVE:-}" "$TRAINER_IMAGE=${TRAINER_IMAGE_ARCHIVE:-}" "$PAUSE_IMAGE=${PAUSE_IMAGE_ARCHIVE:-}"; do
@@ -450,11 +474,7 @@ EOF
       --env HF_HUB_OFFLINE=1 --env OMP_NUM_THREADS=1 \
       "$TRAINER_IMAGE" "fto-verify-trainer-$$" python -c "$SMOKE_TRAINER" || ok=0
   fi
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  # A run that failed half-way can leave its rootfs mounted under $d.
-  awk -v d="$d/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | xargs -r umount -l
-  rm -rf "$d"
+  stop_verify_containerd
   [ "$ok" = 1 ] || die "verify failed"
 }
 
