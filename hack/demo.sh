@@ -36,13 +36,12 @@ trap 'rc=$?; if [ $rc -ne 0 ]; then echo "demo failed (exit $rc); logs: $CLUSTER
 
 [ -x .venv/bin/finetune-operator ] || fail "no .venv: run \`make demo\` (it installs the venv first)"
 
-say "Installing control-plane binaries, helm and the images (cached after the first build)"
+say "Installing control-plane binaries and helm (cached after the first build)"
 BIN=$(hack/build-binaries.sh etcd kwok kubernetes helm)
-hack/images.sh
 export PATH="$BIN:$PATH"
 start=$SECONDS
 
-say "Starting the local control plane (.cluster/)"
+say "Starting the local control plane (.cluster/) and its node local-0, with the images (built once per input digest)"
 hack/cluster.sh up 2>&1 | sed 's/^/    /'
 export KUBECONFIG=$CLUSTER_DIR/kubeconfig
 LOGS=$CLUSTER_DIR/logs
