@@ -60,8 +60,11 @@ PY_VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml" | head 
 OPERATOR_IMAGE=docker.io/library/finetune-operator:$VERSION
 TRAINER_IMAGE=docker.io/library/finetune-trainer:$VERSION
 PAUSE_IMAGE=localhost/fto-pause:1
-# The repository URL for org.opencontainers.image.source, without any credentials in it.
+# The repository URL for org.opencontainers.image.source, without any credentials in it; only
+# a URL (a clone of a local path has none to give), so a local clone of this tree has the same
+# digests and reuses its images.
 SOURCE=$(git -C "$root" config --get remote.origin.url 2>/dev/null | sed 's#//[^/@]*@#//#' || true)
+case $SOURCE in http://* | https://* | ssh://* | git@*) ;; *) SOURCE= ;; esac
 
 # The Debian base: its digest is the digest of this recipe (mmdebstrap's arguments and the
 # image config), not of the packages it fetched; delete $CACHE to take newer packages.
