@@ -58,6 +58,19 @@ start() { # name command...
   echo $! >"$PIDS/$name"
 }
 
+# SIGTERM to the process recorded as NAME, SIGKILL after 5 s; then forget its pid.
+stop() { # name
+  local pid
+  [ -f "$PIDS/$1" ] || return 0
+  if alive "$1"; then
+    pid=$(cat "$PIDS/$1")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do alive "$1" || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$PIDS/$1"
+}
+
 wait_for() { # description seconds command...
   local what=$1 secs=$2; shift 2
   for _ in $(seq $((secs * 5))); do
@@ -204,18 +217,9 @@ up() {
 }
 
 down() {
-  local name pid
+  local name
   node_down
-  for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    [ -f "$PIDS/$name" ] || continue
-    pid=$(cat "$PIDS/$name")
-    if alive "$name"; then
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do alive "$name" || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$PIDS/$name"
-  done
+  for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$name"; done
   rm -rf --one-file-system "$CLUSTER_DIR"
   say "down"
 }

@@ -1,7 +1,7 @@
 # The local cluster's real node: the upstream kubelet (built from the pinned k8s.io/kubernetes
 # module), containerd and runc from Debian, the product's images imported into containerd.
 # Sourced by hack/cluster.sh, which defines CLUSTER_DIR, PKI, LOGS, PIDS, BIN, CACHE and the
-# helpers start/alive/wait_for/kubectl/say.
+# helpers start/stop/alive/wait_for/kubectl/say.
 #
 # Networking, without ever leaving 127.0.0.0/8:
 # - The kubelet serves on 127.0.0.1. It refuses a loopback --node-ip, so it runs as if under an
@@ -245,15 +245,8 @@ node_down() {
   done
   if alive kubernetes-service; then kill -- "-$(cat "$PIDS/kubernetes-service")" 2>/dev/null || true; fi
   rm -f "$PIDS/kubernetes-service"
-  for name in kubelet containerd; do
-    [ -f "$PIDS/$name" ] || continue
-    if alive "$name"; then
-      pid=$(cat "$PIDS/$name"); kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do alive "$name" || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$PIDS/$name"
-  done
+  stop kubelet
+  stop containerd
   unmount_under "$NODE_DIR" "$CONTAINERD_ROOT"
   remove_pod_cgroups
 }
