@@ -99,8 +99,7 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
     values = {**yaml.safe_load(LOCAL_NODE_VALUES.read_text()), "watchNamespaces": [namespace]}
     values["metrics"] = {**values["metrics"], "port": ports["metrics.port"]}
     values["healthPort"] = ports["healthPort"]
-    values["progress"] = {"port": ports["progress.port"], "url": f"http://{cluster_ip}:{ports['progress.port']}",
-                          "service": {"clusterIP": cluster_ip}}
+    values["progress"] = {"port": ports["progress.port"], "service": {"clusterIP": cluster_ip}}
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     try:
