@@ -1,9 +1,13 @@
-"""The finetune.ai/v1alpha1 API: FineTuneJob and Model, defined once.
+"""The finetune.ai/v1alpha1 API: FineTuneJob and Model.
 
-These pydantic models are the single source of truth. `crdgen` turns them into the CRD YAML in
-`crds/` and in the Helm chart, so defaults, enums, bounds, descriptions and the cross-field
-CEL rules below are what `kubectl apply` enforces. The operator parses every object it
-handles through the same models. This module imports neither Kopf nor torch.
+The training sections (dataset options, method, training, distributed, checkpointing) and the
+Model's spec are the trainer's contract types (`finetune_trainer.config`,
+`finetune_trainer.model_manifest`), written once there; this module composes them and adds only
+the Kubernetes parts: URIs and credentials, resources, node pools, lifecycle, status, and the
+CEL rules that span sections. `crdgen` turns these models into the CRD YAML in `crds/` and in
+the Helm chart, so defaults, enums, bounds, descriptions and rules are what `kubectl apply`
+enforces. The operator parses every object it handles through the same models. This module
+imports neither Kopf nor torch.
 """
 
 from __future__ import annotations
@@ -11,52 +15,44 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from finetune_trainer.config import (
+    PRESET_NAMES,
+    SHA256_HEX,
+    BaseModelOptions,
+    CheckpointingOptions,
+    ContractModel,
+    DatasetOptions,
+    DistributedConfig,
+    MethodConfig,
+    Rule,
+    TrainingConfig,
+    immutable,
+)
+from finetune_trainer.model_manifest import API_VERSION, GROUP, VERSION, ModelMetrics, ModelSpec
+from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-GROUP = "finetune.ai"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+__all__ = ["API_VERSION", "GROUP", "VERSION", "SHA256_HEX", "ModelSpec", "ModelMetrics", "MethodConfig", "TrainingConfig"]
 
 # Longest FineTuneJob name: children are named "<job>-trainer" etc. and Job names end up in
 # pod labels (63 characters), so leave room for the suffixes the operator adds.
 MAX_JOB_NAME_LENGTH = 50
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-SHA256_HEX = r"^[a-f0-9]{64}$"
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 MODEL_SOURCE = r"^(hf|pvc|s3|oci|preset)://[^\s]+$"
 DATASET_SOURCE = r"^(pvc|https|s3|configmap|hf)://[^\s]+$"
 OUTPUT_DESTINATION = r"^(pvc|s3|oci)://[^\s]+$"
 
 
-def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
-    """One x-kubernetes-validations entry."""
-    entry = {"rule": rule, "message": message}
-    if field_path:
-        entry["fieldPath"] = field_path
-    if reason:
-        entry["reason"] = reason
-    return entry
+NO_PARENT_SEGMENTS = {"x-kubernetes-validations": [Rule("!self.matches('(^|/)[.][.](/|$)')", "must not contain '..' path segments").to_cel()]}
 
 
-NO_PARENT_SEGMENTS = {
-    "x-kubernetes-validations": [cel("!self.matches('(^|/)[.][.](/|$)')", "must not contain '..' path segments")]
-}
+class ApiModel(ContractModel):
+    """Base for API types: the contract's conventions (camelCase, unknown fields rejected, CEL
+    rules with their Python twins), but mutable: the operator updates what it parses."""
 
-
-def immutable(what: str) -> dict[str, Any]:
-    """A transition rule that rejects any change once the object exists."""
-    return {"x-kubernetes-validations": [cel("self == oldSelf", f"{what} is immutable once the job is created; create a new FineTuneJob instead")]}
-
-
-class ApiModel(BaseModel):
-    """Base for API types: camelCase on the wire, unknown fields rejected."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-    def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+    model_config = ConfigDict(frozen=False)
 
 
 class StatusModel(ApiModel):
@@ -70,7 +66,7 @@ SecretName = Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]
 # --- spec ------------------------------------------------------------------------------------
 
 
-class BaseModelSpec(ApiModel):
+class BaseModelSpec(BaseModelOptions, ApiModel):
     """The model to fine-tune."""
 
     source: str = Field(
@@ -78,10 +74,7 @@ class BaseModelSpec(ApiModel):
         pattern=MODEL_SOURCE, json_schema_extra=NO_PARENT_SEGMENTS,
         description="Where the base model comes from: hf://ORG/NAME (Hugging Face hub), pvc://CLAIM/PATH "
         "(a directory on a PersistentVolumeClaim), s3://BUCKET/PREFIX, oci://REGISTRY/REPO:TAG, or "
-        "preset://NAME for the built-in random-init configs (tiny-llama, llama-1b, llama-3b, llama-8b).",
-    )
-    revision: str | None = Field(
-        default=None, max_length=256, description="Hub revision (branch, tag or commit) for hf:// sources."
+        f"preset://NAME for the built-in random-init configs ({', '.join(PRESET_NAMES)}).",
     )
     credentials_secret: SecretName | None = Field(
         default=None,
@@ -90,7 +83,7 @@ class BaseModelSpec(ApiModel):
     )
 
 
-class DatasetSpec(ApiModel):
+class DatasetSpec(DatasetOptions, ApiModel):
     """The training data: JSON lines in chat, prompt-completion or text format."""
 
     source: str = Field(
@@ -99,99 +92,14 @@ class DatasetSpec(ApiModel):
         description="Where the JSONL data comes from: pvc://CLAIM/PATH, https://URL, s3://BUCKET/KEY, "
         "configmap://NAME/KEY, or hf://ORG/NAME.",
     )
-    sha256: str | None = Field(
-        default=None,
-        pattern=SHA256_HEX,
-        description="Expected SHA-256 of the data file (64 lowercase hex digits); the trainer fails if it differs.",
-    )
     credentials_secret: SecretName | None = Field(
         default=None, description="Name of a Secret in the job's namespace with credentials for the source."
     )
-    format: Literal["auto", "chat", "prompt-completion", "text"] = Field(
-        default="auto",
-        description="Record format: chat (`messages`), prompt-completion (`prompt`/`completion`), text "
-        "(`text`), or auto to detect it from the first record.",
-    )
-    validation_split: float = Field(
-        default=0.05, ge=0.0, le=0.5, description="Fraction of records held out to compute the eval loss."
-    )
-    skip_bad_lines: bool = Field(
-        default=False,
-        description="Skip malformed lines (and report how many) instead of failing on the first one.",
-    )
 
 
-class LoraSpec(ApiModel):
-    """Adapter hyperparameters for lora, qlora and dora."""
-
-    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
-    alpha: float = Field(default=32, gt=0, le=4096, description="Scaling numerator: updates are scaled by alpha/r.")
-    dropout: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Dropout on the adapter input. Off by default: it costs step time and memory (bench/README.md).",
-    )
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default=["all-linear"],
-        min_length=1,
-        max_length=64,
-        description="Module names to adapt (for example q_proj, v_proj), or all-linear for every linear "
-        "layer except the output head.",
-    )
-
-
-class MethodSpec(ApiModel):
-    """How the model is fine-tuned."""
-
-    type: Literal["lora", "qlora", "dora", "full"] = Field(
-        default="lora",
-        description="lora: low-rank adapters; qlora: LoRA on a 4-bit NF4 base (GPU only); dora: "
-        "weight-decomposed LoRA; full: every weight is trained.",
-    )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings; ignored for full fine-tuning.")
-
-
-class TrainingSpec(ApiModel):
-    """Optimisation hyperparameters."""
-
-    epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the training split.")
-    max_steps: int | None = Field(
-        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps, whatever the epochs."
-    )
-    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
-    micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per process per forward pass.")
-    global_batch_size: int = Field(
-        default=32,
-        ge=1,
-        le=1_048_576,
-        description="Sequences per optimizer step across all processes; must be a multiple of microBatchSize "
-        "times the number of processes (nodes x acceleratorsPerNode).",
-    )
-    max_seq_length: int = Field(default=2048, ge=16, le=1_048_576, description="Longest sequence in tokens.")
-    packing: bool = Field(default=True, description="Pack several records into each sequence (padding-free).")
-    gradient_checkpointing: bool | None = Field(
-        default=None,
-        description="Recompute activations in the backward pass to save memory. true: every layer; false: "
-        "none; unset: only as many layers as the GPU's memory needs, measured when training starts (none "
-        "on CPU; every layer with ZeRO-3 or offload).",
-    )
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for initialisation, data order and split.")
-    compile: bool | None = Field(
-        default=None,
-        description="torch.compile each decoder layer. Unset: on for GPU jobs with lora, qlora or full at "
-        "zeroStage 0-2 (where the benchmark shows it pays), off otherwise; false opts out.",
-    )
-
-
-class DistributedSpec(ApiModel):
+class DistributedSpec(DistributedConfig, ApiModel):
     """Parallelism: DeepSpeed ZeRO across processes and nodes."""
 
-    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage (0 to 3).")
-    offload: Literal["none", "optimizer", "parameters"] = Field(
-        default="none",
-        description="Offload to CPU memory: optimizer state (ZeRO 1-3) or also parameters (ZeRO 3 only).",
-    )
     nodes: int = Field(default=1, ge=1, le=256, description="Number of nodes, one trainer pod per node.")
 
 
@@ -281,55 +189,48 @@ class OutputSpec(ApiModel):
     )
 
 
-class CheckpointingSpec(ApiModel):
+class CheckpointingSpec(CheckpointingOptions, ApiModel):
     """Periodic checkpoints on the output volume, used to resume after any restart."""
-
-    every_steps: int = Field(default=200, ge=1, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
-    keep: int = Field(default=2, ge=1, le=100, description="How many recent checkpoints to keep.")
 
 
 _PROCESSES = "(self.resources.accelerator == 'none' ? 1 : self.resources.acceleratorsPerNode)"
 
-SPEC_RULES = [
-    cel(
+# Rules across sections; each section's own rules live on its contract type.
+SPEC_RULES = (
+    Rule(
         "self.method.type != 'qlora' || self.resources.accelerator != 'none'",
         "method.type qlora needs a GPU: set resources.accelerator (for example nvidia.com/gpu), or use lora on CPU",
         ".method.type",
+        lambda s: s.method.type != "qlora" or s.resources.accelerator != "none",
     ),
-    cel(
-        "self.distributed.offload != 'parameters' || self.distributed.zeroStage == 3",
-        "distributed.offload parameters needs distributed.zeroStage 3",
-        ".distributed.offload",
-    ),
-    cel(
-        "self.distributed.offload != 'optimizer' || self.distributed.zeroStage >= 1",
-        "distributed.offload optimizer needs distributed.zeroStage 1, 2 or 3",
-        ".distributed.offload",
-    ),
-    cel(
+    Rule(
         "self.resources.accelerator == 'none' || self.resources.acceleratorsPerNode >= 1",
         "resources.acceleratorsPerNode must be at least 1 when an accelerator is requested",
         ".resources.acceleratorsPerNode",
+        lambda s: s.resources.accelerator == "none" or s.resources.accelerators_per_node >= 1,
     ),
-    cel(
+    Rule(
         f"self.training.globalBatchSize % (self.training.microBatchSize * self.distributed.nodes * {_PROCESSES}) == 0",
         "training.globalBatchSize must be a multiple of training.microBatchSize x distributed.nodes x "
         "processes per node (resources.acceleratorsPerNode, or 1 on CPU)",
         ".training.globalBatchSize",
+        lambda s: s.training.global_batch_size % (s.training.micro_batch_size * s.distributed.nodes * s.processes_per_node) == 0,
     ),
-    cel(
+    Rule(
         "!has(self.nodePool.nodeClassRef) || !has(self.nodePool.provisioner) || self.nodePool.provisioner == 'karpenter'",
         "nodePool.nodeClassRef only applies to the karpenter provisioner",
         ".nodePool.nodeClassRef",
+        lambda s: s.node_pool.node_class_ref is None or s.node_pool.provisioner in (None, "karpenter"),
     ),
-    cel(
+    Rule(
         "!has(self.nodePool.provisioner) || self.nodePool.provisioner != 'karpenter' || "
         "(!has(self.nodePool.nodeSelector) && !has(self.nodePool.tolerations))",
         "nodePool.nodeSelector and nodePool.tolerations apply to the existing and none provisioners; "
         "karpenter pools get their own taint and selector",
         ".nodePool.provisioner",
+        lambda s: s.node_pool.provisioner != "karpenter" or (s.node_pool.node_selector is None and s.node_pool.tolerations is None),
     ),
-]
+)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -340,15 +241,15 @@ class FineTuneJobSpec(ApiModel):
     hyperparameters, so the API server rejects such edits instead of the operator ignoring them.
     """
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": SPEC_RULES})
+    RULES = SPEC_RULES
 
     base_model: BaseModelSpec = Field(description="The model to fine-tune.", json_schema_extra=immutable("baseModel"))
     dataset: DatasetSpec = Field(description="The training data.", json_schema_extra=immutable("dataset"))
-    method: MethodSpec = Field(
-        default_factory=MethodSpec, description="The fine-tuning method.", json_schema_extra=immutable("method")
+    method: MethodConfig = Field(
+        default_factory=MethodConfig, description="The fine-tuning method.", json_schema_extra=immutable("method")
     )
-    training: TrainingSpec = Field(
-        default_factory=TrainingSpec, description="Optimisation hyperparameters.", json_schema_extra=immutable("training")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="Optimisation hyperparameters.", json_schema_extra=immutable("training")
     )
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec,
@@ -454,71 +355,6 @@ class FineTuneJob(StatusModel):
 
 
 # --- Model -----------------------------------------------------------------------------------
-
-
-class FileDigest(ApiModel):
-    """Digest of one output file."""
-
-    sha256: str = Field(pattern=SHA256_HEX, description="SHA-256 of the file.")
-    size: int = Field(ge=0, description="Size in bytes.")
-
-
-class AdapterSpec(ApiModel):
-    """The published weights."""
-
-    uri: str = Field(max_length=1024, description="Where the files are (the job's output destination).")
-    format: Literal["peft", "full"] = Field(description="peft: a PEFT adapter; full: complete model weights.")
-    sha256: str = Field(
-        pattern=SHA256_HEX, description="SHA-256 of the weights file (adapter_model.safetensors or model.safetensors)."
-    )
-    size_bytes: int = Field(ge=0, description="Total size of all published files in bytes.")
-    files: dict[str, FileDigest] = Field(
-        default_factory=dict, description="Every published file with its digest, as the trainer reported it."
-    )
-
-
-class ModelBaseRef(ApiModel):
-    """The base model the weights apply to."""
-
-    source: str = Field(max_length=1024, description="Source of the base model, as in the FineTuneJob.")
-    revision: str | None = Field(default=None, max_length=256, description="Hub revision, when given.")
-
-
-class DatasetRef(ApiModel):
-    """The data the model was trained on."""
-
-    source: str = Field(max_length=1024, description="Source of the dataset, as in the FineTuneJob.")
-    sha256: str | None = Field(default=None, pattern=SHA256_HEX, description="SHA-256 of the data, when known.")
-
-
-class SourceJobRef(ApiModel):
-    """The FineTuneJob that produced this Model."""
-
-    name: str = Field(max_length=253, description="Name of the FineTuneJob.")
-    uid: str = Field(max_length=64, description="UID of the FineTuneJob.")
-
-
-class ModelSpec(ApiModel):
-    """A fine-tuned model: published weights and their lineage. Written once, by the operator."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [cel("self == oldSelf", "Model spec is immutable")]})
-
-    base_model: ModelBaseRef = Field(description="The base model the weights apply to.")
-    adapter: AdapterSpec = Field(description="The published weights.")
-    method: MethodSpec = Field(description="The method as trained.")
-    training: TrainingSpec = Field(description="The hyperparameters as trained.")
-    dataset: DatasetRef = Field(description="The data as trained.")
-    source_job: SourceJobRef = Field(description="The job that produced the weights.")
-
-
-class ModelMetrics(StatusModel):
-    """Final metrics reported by the trainer."""
-
-    train_loss: float | None = Field(default=None, description="Training loss at the end.")
-    eval_loss: float | None = Field(default=None, description="Validation loss at the end.")
-    initial_eval_loss: float | None = Field(default=None, description="Validation loss before training.")
-    steps: int | None = Field(default=None, description="Optimizer steps run.")
-    tokens_seen: int | None = Field(default=None, description="Training tokens processed.")
 
 
 class ModelStatus(StatusModel):

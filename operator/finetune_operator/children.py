@@ -9,7 +9,6 @@ from finetune_trainer.protocol import EXIT_USER_ERROR
 
 from . import naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
-from .model import manifest_template
 from .progress import AUDIENCE as PROGRESS_AUDIENCE
 from .settings import OperatorSettings
 
@@ -18,7 +17,7 @@ RENDEZVOUS_PORT = 29500
 
 
 def build_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict:
-    config = trainer_config.render(job, manifest_template(job), progress_url=settings.progress_url)
+    config = trainer_config.render(job, progress_url=settings.progress_url)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

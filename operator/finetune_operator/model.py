@@ -1,38 +1,30 @@
-"""Build the Model a successful FineTuneJob publishes."""
+"""The Model a successful FineTuneJob publishes.
+
+The manifest itself comes from `finetune_trainer.model_manifest.render_model`, the function the
+trainer writes model.yaml with, fed the same `PublishConfig` the trainer got in its config; this
+module adds only the Kubernetes parts (labels, ownerReference, the Ready condition).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
+from finetune_trainer.config import DatasetRef, ModelBaseRef, PublishConfig, SourceJobRef
+from finetune_trainer.model_manifest import model_metrics, render_model
+
 from . import naming
-from .api import (
-    API_VERSION,
-    AdapterSpec,
-    Condition,
-    DatasetRef,
-    FineTuneJob,
-    ModelBaseRef,
-    ModelMetrics,
-    ModelSpec,
-    ModelStatus,
-    SourceJobRef,
-)
+from .api import Condition, FineTuneJob, ModelStatus
 from .result import TrainerResult
 
 
-def model_spec(job: FineTuneJob, result: TrainerResult) -> ModelSpec:
+def publish_config(job: FineTuneJob) -> PublishConfig:
+    """What the Model says about the job, in the user's terms (the trainer gets it too)."""
     spec = job.spec
-    return ModelSpec(
+    return PublishConfig(
+        name=job.model_name,
+        namespace=job.metadata.namespace,
+        uri=spec.output.destination,
         base_model=ModelBaseRef(source=spec.base_model.source, revision=spec.base_model.revision),
-        adapter=AdapterSpec(
-            uri=spec.output.destination,
-            format=result.format,
-            sha256=result.files[result.weights_file].sha256,
-            size_bytes=result.total_size,
-            files=result.files_wire(),
-        ),
-        method=spec.method,
-        training=spec.training,
         dataset=DatasetRef(source=spec.dataset.source, sha256=spec.dataset.sha256),
         source_job=SourceJobRef(name=job.metadata.name, uid=job.metadata.uid or ""),
     )
@@ -40,24 +32,19 @@ def model_spec(job: FineTuneJob, result: TrainerResult) -> ModelSpec:
 
 def build_model(job: FineTuneJob, result: TrainerResult) -> dict:
     """The Model object (without status: status is a subresource, written separately)."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Model",
-        "metadata": {
-            "name": job.model_name,
-            "namespace": job.metadata.namespace,
-            "labels": naming.labels(job, component="model"),
-            # The Model outlives nothing: deleting the job deletes what it published, unless
-            # the user removes this reference to keep the Model on its own.
-            "ownerReferences": [naming.owner_reference(job)],
-        },
-        "spec": model_spec(job, result).to_wire(),
-    }
+    manifest = render_model(publish_config(job), job.spec.method, job.spec.training, result)
+    manifest.pop("status")
+    manifest["metadata"].update(
+        labels=naming.labels(job, component="model"),
+        # The Model outlives nothing: deleting the job deletes what it published, unless the
+        # user removes this reference to keep the Model on its own.
+        ownerReferences=[naming.owner_reference(job)],
+    )
+    return manifest
 
 
 def model_status(result: TrainerResult, generation: int | None, now: datetime | None = None) -> dict:
     now = now or datetime.now(timezone.utc)
-    m = result.metrics
     status = ModelStatus(
         phase="Ready",
         conditions=[
@@ -70,13 +57,7 @@ def model_status(result: TrainerResult, generation: int | None, now: datetime | 
                 observed_generation=generation,
             )
         ],
-        metrics=ModelMetrics(
-            train_loss=m.train_loss,
-            eval_loss=m.eval_loss,
-            initial_eval_loss=m.initial_eval_loss,
-            steps=m.steps,
-            tokens_seen=m.tokens,
-        ),
+        metrics=model_metrics(result),
     )
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
@@ -84,21 +65,3 @@ def model_status(result: TrainerResult, generation: int | None, now: datetime | 
 def same_lineage(existing: dict, job: FineTuneJob) -> bool:
     """Whether an existing Model was published by this very job (not a namesake)."""
     return existing.get("spec", {}).get("sourceJob", {}).get("uid") == job.metadata.uid
-
-
-def manifest_template(job: FineTuneJob) -> dict:
-    """The Model manifest the trainer completes (adapter digest, metrics) and saves as model.yaml,
-    so the output directory describes itself even where no operator reads it."""
-    spec = job.spec
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "Model",
-        "metadata": {"name": job.model_name, "namespace": job.metadata.namespace},
-        "spec": {
-            "baseModel": ModelBaseRef(source=spec.base_model.source, revision=spec.base_model.revision).to_wire(),
-            "method": spec.method.to_wire(),
-            "training": spec.training.to_wire(),
-            "dataset": DatasetRef(source=spec.dataset.source, sha256=spec.dataset.sha256).to_wire(),
-            "sourceJob": SourceJobRef(name=job.metadata.name, uid=job.metadata.uid or "").to_wire(),
-        },
-    }

@@ -1,18 +1,32 @@
 """Render the trainer's config file from a FineTuneJob.
 
-The trainer (finetune_trainer) owns the schema; this module only maps the job's spec onto it,
-with every URI resolved to the path where the pod sees it. The result is validated against the
-trainer's own pydantic model, so the operator can never hand the trainer a config it rejects.
+The trainer (finetune_trainer.config) owns the schema, and the FineTuneJob's training sections
+are its types, so they pass through as they are; this module adds where things are in the pod
+(every URI resolved to its mount path, token files, reporting) and the Model to publish. The
+result is validated against the trainer's own model, so the operator can never hand the trainer
+a config it rejects.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from finetune_trainer.config import JobConfig
+from finetune_trainer.config import (
+    BaseModelConfig,
+    CheckpointingConfig,
+    CheckpointingOptions,
+    DatasetConfig,
+    DatasetOptions,
+    DistributedConfig,
+    JobConfig,
+    OutputConfig,
+    ReportingConfig,
+    options_of,
+)
 
 from . import sources
 from .api import FineTuneJob
+from .model import publish_config
 
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.yaml"
@@ -40,8 +54,7 @@ def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, 
     return reporting
 
 
-def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None, *,
-           claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None,
+def render(job: FineTuneJob, *, claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None,
            progress_url: str = "") -> dict[str, Any]:
     """The trainer config as a plain dict (camelCase), validated by the trainer's schema.
 
@@ -49,26 +62,20 @@ def render(job: FineTuneJob, model_manifest: dict[str, Any] | None = None, *,
     `claim_dirs` to map each pvc:// claim to a directory, and its own `reporting`."""
     spec = job.spec
     resolved = resolved_sources(job, claim_dirs)
-    config = {
-        "jobName": job.metadata.name,
-        "baseModel": {
-            "source": resolved["baseModel"].value,
-            "revision": spec.base_model.revision,
-            "tokenFile": f"{TOKEN_DIR}/token" if spec.base_model.credentials_secret else None,
-        },
-        "dataset": {
-            "path": resolved["dataset"].value,
-            "sha256": spec.dataset.sha256,
-            "format": spec.dataset.format,
-            "validationSplit": spec.dataset.validation_split,
-            "skipBadLines": spec.dataset.skip_bad_lines,
-        },
-        "method": spec.method.to_wire(),
-        "training": spec.training.to_wire(),
-        "distributed": {"zeroStage": spec.distributed.zero_stage, "offload": spec.distributed.offload},
-        "output": {"dir": resolved["output"].value},
-        "checkpointing": spec.checkpointing.to_wire(),
-        "reporting": reporting if reporting is not None else in_cluster_reporting(job, progress_url),
-        "modelManifest": model_manifest,
-    }
-    return JobConfig.model_validate(config).model_dump(by_alias=True, exclude_none=True, mode="json")
+    config = JobConfig(
+        job_name=job.metadata.name,
+        base_model=BaseModelConfig(
+            source=resolved["baseModel"].value,
+            revision=spec.base_model.revision,
+            token_file=f"{TOKEN_DIR}/token" if spec.base_model.credentials_secret else None,
+        ),
+        dataset=DatasetConfig(path=resolved["dataset"].value, **options_of(spec.dataset, DatasetOptions)),
+        method=spec.method,
+        training=spec.training,
+        distributed=DistributedConfig(**options_of(spec.distributed, DistributedConfig)),
+        output=OutputConfig(dir=resolved["output"].value),
+        checkpointing=CheckpointingConfig(**options_of(spec.checkpointing, CheckpointingOptions)),
+        reporting=ReportingConfig.model_validate(reporting if reporting is not None else in_cluster_reporting(job, progress_url)),
+        publish=publish_config(job),
+    )
+    return config.model_dump(by_alias=True, exclude_none=True, mode="json")

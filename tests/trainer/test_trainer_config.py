@@ -33,7 +33,7 @@ CONTRACT_EXAMPLE = textwrap.dedent("""
       progressFile: null
       metricsPort: 0
       terminationMessagePath: null
-    modelManifest: null
+    publish: null
 """)
 
 MINIMAL = {"jobName": "j", "baseModel": {"source": "preset://tiny-llama"}, "dataset": {"path": "/d.jsonl"}, "output": {"dir": "/o"}}
@@ -67,11 +67,12 @@ def test_contract_example_parses_and_round_trips(tmp_path):
         ("method.lora.r", 0, "method.lora.r: must be >= 1"),
         ("method.type", "prefix", "method.type: must be one of"),
         ("training.learningRate", 0, "training.learningRate: must be > 0"),
-        ("training.globalBatchSize", 30, "training.globalBatchSize: 30 is not a multiple of microBatchSize 4"),
-        ("dataset.validationSplit", 1.0, "dataset.validationSplit: must be < 1"),
-        ("dataset.sha256", "abc", "dataset.sha256: must be 64 hex digits"),
+        ("dataset.validationSplit", 1.0, "dataset.validationSplit: must be <= 0.5"),
+        ("dataset.sha256", "abc", "dataset.sha256: must match ^[a-f0-9]{64}$"),
+        ("dataset.sha256", "sha256:" + "a" * 64, "dataset.sha256: must match"),  # one form, as the CRD says,
         ("distributed.zeroStage", 4, "distributed.zeroStage: must be <= 3"),
         ("distributed.offload", "parameters", "distributed.offload: parameters offload needs zeroStage 3"),
+        ("training.weightDecay", 2, "training.weightDecay: must be <= 1"),
         ("baseModel.source", "preset://llama-70b", "baseModel.source: unknown preset 'llama-70b'"),
         ("baseModel.source", "models/x", "baseModel.source: 'models/x' must be preset://NAME"),
         ("baseModel.revision", "main", "baseModel.revision: only allowed with an hf:// source"),

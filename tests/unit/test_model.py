@@ -2,7 +2,10 @@ import json
 
 from factories import make_job
 
-from finetune_operator.model import build_model, manifest_template, model_status, same_lineage
+from finetune_operator.model import build_model, model_status, publish_config, same_lineage
+from finetune_operator.trainer_config import render
+from finetune_trainer.config import parse_config
+from finetune_trainer.model_manifest import render_model
 from finetune_operator.result import parse_result
 
 RESULT = parse_result(json.dumps({
@@ -31,9 +34,15 @@ def test_model_status_ready_with_metrics():
     assert status["phase"] == "Ready" and status["metrics"]["tokensSeen"] == 99 and status["metrics"]["evalLoss"] == 0.7
 
 
-def test_manifest_template_matches_published_lineage():
-    ftj = make_job()
-    template = manifest_template(ftj)
-    published = build_model(ftj, RESULT)["spec"]
-    for key in ("baseModel", "method", "training", "dataset", "sourceJob"):
-        assert template["spec"][key] == published[key]
+def test_the_trainer_renders_the_model_the_operator_publishes():
+    """The trainer writes model.yaml from its config with the same function the operator
+    publishes with; what it gets in its config must lead to the same Model."""
+    ftj = make_job(training={"warmupSteps": 3, "lrScheduler": "linear"})
+    config = parse_config(render(ftj, progress_url=""))
+    assert config.publish == publish_config(ftj)
+    manifest = render_model(config.publish, config.method, config.training, RESULT)
+    published = build_model(ftj, RESULT)
+    assert manifest["spec"] == published["spec"]
+    assert {k: published["metadata"][k] for k in ("name", "namespace")} == manifest["metadata"]
+    assert manifest["status"]["metrics"] == model_status(RESULT, 1)["metrics"]
+    assert published["spec"]["training"]["warmupSteps"] == 3

@@ -1,17 +1,25 @@
-"""The trainer's config file: pydantic v2 models, camelCase keys, torch-free.
+"""The contract between the operator and the trainer: the config file, torch-free.
 
-The operator imports this module (without torch installed) to render the file it mounts
-into the trainer pod, so this is the single definition of the contract. Every field is
-validated here, and a bad value becomes a ConfigError naming the field, e.g.
+Each training section (dataset options, method, training, distributed, checkpointing) is
+defined here once, with its defaults, bounds, user-facing descriptions and cross-field rules.
+The trainer validates its config file with these models; the operator's API
+(`finetune_operator.api`) composes the same models into the FineTuneJob and adds only the
+Kubernetes parts, and the CRDs and `docs/api.md` are generated from that. A new training
+setting is therefore written once, here, and a FineTuneJob can set it.
+
+A cross-field rule is a `Rule`: its CEL expression goes into the CRD (so `kubectl apply`
+rejects a bad spec) and its Python twin, written next to it, checks a config file the trainer
+reads directly. A bad value becomes a ConfigError naming the field, e.g.
 ``method.lora.r: must be >= 1``.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -22,33 +30,217 @@ from finetune_trainer.errors import ConfigError
 # config can be validated without torch.
 PRESET_NAMES = ("tiny-llama", "llama-1b", "llama-3b", "llama-8b")
 
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = r"^[a-f0-9]{64}$"
+HF_REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule, written once: CEL for the API server, Python for the trainer.
+
+    `holds` is None for transition rules (`oldSelf`), which only the API server can check."""
+
+    cel: str
+    message: str
+    field: str | None = None  # the field the error points at, relative to the model (".offload")
+    holds: Callable[[Any], bool] | None = None
+    reason: str | None = None  # the API server's error reason, when not FieldValueInvalid
+
+    def to_cel(self) -> dict[str, str]:
+        entry = {"rule": self.cel, "message": self.message}
+        if self.field:
+            entry["fieldPath"] = self.field
+        if self.reason:
+            entry["reason"] = self.reason
+        return entry
+
+
+def _rules_into_schema(schema: dict[str, Any], cls: type) -> None:
+    rules = [rule.to_cel() for rule in getattr(cls, "RULES", ())]
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+
+
+class ContractModel(BaseModel):
+    """Base of every contract type: camelCase on the wire, unknown fields rejected, frozen."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              json_schema_extra=_rules_into_schema)
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self):
+        for rule in type(self).RULES:
+            if rule.holds is not None and not rule.holds(self):
+                where = (rule.field or "").lstrip(".")
+                named = not where or rule.message.startswith(where)
+                raise ValueError(rule.message if named else f"{where}: {rule.message}")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def immutable(what: str) -> dict[str, Any]:
+    """A transition rule that rejects any change once the object exists (API server only)."""
+    return {"x-kubernetes-validations": [
+        Rule("self == oldSelf", f"{what} is immutable once the job is created; create a new FineTuneJob instead").to_cel()
+    ]}
+
+
+# --- the training sections: shared by the config file and the FineTuneJob ---------------------
+
+
+class BaseModelOptions(ContractModel):
+    revision: str | None = Field(
+        default=None, max_length=256, description="Hub revision (branch, tag or commit) for hf:// sources."
     )
 
 
-class BaseModelConfig(_Model):
+class DatasetOptions(ContractModel):
+    sha256: str | None = Field(
+        default=None,
+        pattern=SHA256_HEX,
+        description="Expected SHA-256 of the data file (64 lowercase hex digits); the trainer fails if it differs.",
+    )
+    format: Literal["auto", "chat", "prompt-completion", "text"] = Field(
+        default="auto",
+        description="Record format: chat (`messages`), prompt-completion (`prompt`/`completion`), text "
+        "(`text`), or auto to detect it from the first record.",
+    )
+    validation_split: float = Field(
+        default=0.05, ge=0.0, le=0.5, description="Fraction of records held out to compute the eval loss."
+    )
+    skip_bad_lines: bool = Field(
+        default=False,
+        description="Skip malformed lines (and report how many) instead of failing on the first one.",
+    )
+
+
+class LoraConfig(ContractModel):
+    """Adapter hyperparameters for lora, qlora and dora."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: float = Field(default=32, gt=0, le=4096, description="Scaling numerator: updates are scaled by alpha/r.")
+    dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the adapter input. Off by default: it costs step time and memory (bench/README.md).",
+    )
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default=["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt (for example q_proj, v_proj), or all-linear for every linear "
+        "layer except the output head.",
+    )
+
+
+class MethodConfig(ContractModel):
+    """How the model is fine-tuned."""
+
+    type: Literal["lora", "qlora", "dora", "full"] = Field(
+        default="lora",
+        description="lora: low-rank adapters; qlora: LoRA on a 4-bit NF4 base (GPU only); dora: "
+        "weight-decomposed LoRA; full: every weight is trained.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings; ignored for full fine-tuning.")
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.type != "full"
+
+
+class TrainingConfig(ContractModel):
+    """Optimisation hyperparameters."""
+
+    epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the training split.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps, whatever the epochs."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="How the learning rate moves after warm-up: constant, linear decay to 0, or cosine decay to 0."
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, le=10_000_000, description="Optimizer steps over which the learning rate rises linearly from 0 to its peak."
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0.0, le=1_000_000, description="Clip the global gradient norm to this value; 0 disables clipping."
+    )
+    micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per process per forward pass.")
+    global_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=1_048_576,
+        description="Sequences per optimizer step across all processes; must be a multiple of microBatchSize "
+        "times the number of processes (nodes x acceleratorsPerNode).",
+    )
+    max_seq_length: int = Field(default=2048, ge=16, le=1_048_576, description="Longest sequence in tokens.")
+    packing: bool = Field(default=True, description="Pack several records into each sequence (padding-free).")
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass to save memory. true: every layer; false: "
+        "none; unset: only as many layers as the GPU's memory needs, measured when training starts (none "
+        "on CPU; every layer with ZeRO-3 or offload).",
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for initialisation, data order and split.")
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile each decoder layer. Unset: on for GPU jobs with lora, qlora or full at "
+        "zeroStage 0-2 (where the benchmark shows it pays), off otherwise; false opts out.",
+    )
+
+
+class DistributedConfig(ContractModel):
+    """Parallelism: DeepSpeed ZeRO across processes and nodes."""
+
+    RULES = (
+        Rule("self.offload != 'parameters' || self.zeroStage == 3",
+             "parameters offload needs zeroStage 3", ".offload",
+             lambda d: d.offload != "parameters" or d.zero_stage == 3),
+        Rule("self.offload != 'optimizer' || self.zeroStage >= 1",
+             "optimizer offload needs zeroStage 1, 2 or 3", ".offload",
+             lambda d: d.offload != "optimizer" or d.zero_stage >= 1),
+    )
+
+    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage (0 to 3).")
+    offload: Literal["none", "optimizer", "parameters"] = Field(
+        default="none",
+        description="Offload to CPU memory: optimizer state (ZeRO 1-3) or also parameters (ZeRO 3 only).",
+    )
+
+
+class CheckpointingOptions(ContractModel):
+    """Periodic checkpoints on the output volume, used to resume after any restart."""
+
+    every_steps: int = Field(default=200, ge=1, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
+    keep: int = Field(default=2, ge=1, le=100, description="How many recent checkpoints to keep.")
+
+
+# --- the trainer-only sections: where things are inside the pod --------------------------------
+
+
+class BaseModelConfig(BaseModelOptions):
     source: str = Field(
         description="preset://NAME, hf://org/name, or an absolute directory holding a model"
     )
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit); hf:// only")
     token_file: str | None = Field(None, description="file holding the hub token; never logged")
     cache_dir: str | None = Field(None, description="hub cache directory for hf://; default HF_HOME")
 
     @field_validator("source")
     @classmethod
     def _known_scheme(cls, source: str) -> str:
+        import re
+
         if source.startswith("preset://"):
             name = source.removeprefix("preset://")
             if name not in PRESET_NAMES:
                 raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
         elif source.startswith("hf://"):
-            if not _HF_REPO_ID.match(source.removeprefix("hf://")):
+            if not re.match(HF_REPO_ID, source.removeprefix("hf://")):
                 raise ValueError(f"{source!r} is not of the form hf://org/name")
         elif not source.startswith("/"):
             raise ValueError(
@@ -71,102 +263,19 @@ class BaseModelConfig(_Model):
         return self.source.removeprefix("hf://") if self.source.startswith("hf://") else None
 
 
-class DatasetConfig(_Model):
+class DatasetConfig(DatasetOptions):
     path: str = Field(description="local JSONL file, one example per line")
-    sha256: str | None = Field(None, description="if given, the file must have this digest")
-    format: Literal["auto", "chat", "prompt-completion", "text"] = "auto"
-    validation_split: float = Field(0.05, ge=0.0, lt=1.0)
-    skip_bad_lines: bool = Field(False, description="skip malformed lines and report how many")
-
-    @field_validator("sha256")
-    @classmethod
-    def _hex_digest(cls, value: str | None) -> str | None:
-        if value is not None:
-            value = value.lower().removeprefix("sha256:")
-            if not _SHA256.match(value):
-                raise ValueError("must be 64 hex digits")
-        return value
 
 
-class LoraConfig(_Model):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="off by default: it costs step time and memory")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["all-linear"],
-        min_length=1,
-        description="module names (e.g. q_proj) or all-linear",
-    )
-
-
-class MethodConfig(_Model):
-    type: Literal["lora", "qlora", "dora", "full"] = "lora"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-
-    @property
-    def uses_adapter(self) -> bool:
-        return self.type != "full"
-
-
-class TrainingConfig(_Model):
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    learning_rate: float = Field(2.0e-4, gt=0)
-    micro_batch_size: int = Field(4, ge=1, description="rows per forward pass per process")
-    global_batch_size: int = Field(32, ge=1, description="rows per optimizer step, all processes")
-    max_seq_length: int = Field(2048, ge=16)
-    packing: bool = Field(True, description="pack several examples into each row, padding-free")
-    gradient_checkpointing: bool | None = Field(
-        None,
-        description="true: every layer; false: none; null: only as many layers as the GPU's memory "
-        "needs (measured at start-up, see activation_memory)",
-    )
-    seed: int = Field(42, ge=0)
-    compile: bool | None = Field(
-        None,
-        description="torch.compile each decoder layer; null: on GPUs for lora, qlora and full with zeroStage "
-        "0-2, otherwise off (see compiling.wanted)",
-    )
-    warmup_steps: int = Field(0, ge=0)
-    # Optional additions to the contract.
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
-
-    @model_validator(mode="after")
-    def _batch_sizes_divide(self) -> TrainingConfig:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"globalBatchSize: {self.global_batch_size} is not a multiple of "
-                f"microBatchSize {self.micro_batch_size}"
-            )
-        return self
-
-
-class DistributedConfig(_Model):
-    zero_stage: int = Field(2, ge=0, le=3)
-    offload: Literal["none", "optimizer", "parameters"] = "none"
-
-    @model_validator(mode="after")
-    def _offload_needs_zero(self) -> DistributedConfig:
-        if self.offload == "parameters" and self.zero_stage != 3:
-            raise ValueError("offload: parameters offload needs zeroStage 3")
-        if self.offload == "optimizer" and self.zero_stage == 0:
-            raise ValueError("offload: optimizer offload needs zeroStage 1, 2 or 3")
-        return self
-
-
-class OutputConfig(_Model):
+class OutputConfig(ContractModel):
     dir: str = Field(description="all outputs go here; result.json is written last")
 
 
-class CheckpointingConfig(_Model):
-    every_steps: int = Field(200, ge=1)
-    keep: int = Field(2, ge=1)
+class CheckpointingConfig(CheckpointingOptions):
     dir: str | None = Field(None, description="default <output.dir>/checkpoints")
 
 
-class ReportingConfig(_Model):
+class ReportingConfig(ContractModel):
     progress_file: str | None = Field(
         None, description="JSON-lines progress stream; null = stdout lines with PROGRESS_PREFIX"
     )
@@ -181,7 +290,43 @@ class ReportingConfig(_Model):
     )
 
 
-class JobConfig(_Model):
+# --- what the operator tells the trainer about the Model it will publish ----------------------
+
+
+class ModelBaseRef(BaseModelOptions):
+    """The base model the weights apply to."""
+
+    source: str = Field(max_length=1024, description="Source of the base model, as in the FineTuneJob.")
+
+
+class DatasetRef(ContractModel):
+    """The data the model was trained on."""
+
+    source: str = Field(max_length=1024, description="Source of the dataset, as in the FineTuneJob.")
+    sha256: str | None = Field(default=None, pattern=SHA256_HEX, description="SHA-256 of the data, when known.")
+
+
+class SourceJobRef(ContractModel):
+    """The FineTuneJob that produced this Model."""
+
+    name: str = Field(max_length=253, description="Name of the FineTuneJob.")
+    uid: str = Field(max_length=64, description="UID of the FineTuneJob.")
+
+
+class PublishConfig(ContractModel):
+    """The Model the outputs are published as, in the user's terms (URIs, not pod paths). The
+    operator sets it; with it the trainer writes model.yaml, the same manifest the operator
+    publishes (both through finetune_trainer.model_manifest.render_model)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Model.")
+    namespace: str | None = Field(default=None, description="Namespace of the Model.")
+    uri: str = Field(max_length=1024, description="Where the files are, as the job's output destination says.")
+    base_model: ModelBaseRef
+    dataset: DatasetRef
+    source_job: SourceJobRef
+
+
+class JobConfig(ContractModel):
     job_name: str = Field(min_length=1)
     base_model: BaseModelConfig
     dataset: DatasetConfig
@@ -191,11 +336,17 @@ class JobConfig(_Model):
     output: OutputConfig
     checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
-    model_manifest: dict[str, Any] | None = None
+    publish: PublishConfig | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpointing.dir or Path(self.output.dir) / "checkpoints")
+
+
+def options_of(section: BaseModel, options: type[ContractModel]) -> dict[str, Any]:
+    """The fields of `section` that the contract type `options` defines, by Python name: how a
+    FineTuneJob section becomes a config section without naming its fields again."""
+    return {name: getattr(section, name) for name in options.model_fields}
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -212,6 +363,7 @@ def _describe(error: dict[str, Any]) -> str:
         "literal_error": lambda: f"must be one of {ctx.get('expected')}",
         "too_short": lambda: "must not be empty",
         "string_too_short": lambda: "must not be empty",
+        "string_pattern_mismatch": lambda: f"must match {ctx.get('pattern')}",
     }
     if kind in phrases:
         return phrases[kind]()

@@ -2,21 +2,13 @@
 
 result.json is the trainer's proof of success. It is removed at start, written only after
 every other output is complete, and written atomically (temp file, fsync, rename), so a
-crash never leaves something that looks finished:
-
-  {"files": {"adapter_model.safetensors": {"sha256": "...", "size": 123}, ...},
-   "metrics": {"trainLoss": ..., "evalLoss": ..., "initialEvalLoss": ..., "steps": ..., "tokens": ...}}
-
-"files" lists every output file except result.json itself (checkpoints are not outputs).
-The same JSON, compact, is the pod's termination message when
-reporting.terminationMessagePath is set. Kubernetes keeps at most 4096 bytes of it, so if it
-would be longer, "files" keeps only the primary weights file and "filesOmitted" says how many
-entries were dropped; result.json always has them all.
+crash never leaves something that looks finished. Its shape, and the termination message that
+repeats it, are defined in finetune_trainer.result; model.yaml is rendered by
+finetune_trainer.model_manifest, the same function the operator publishes the Model with.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -27,9 +19,11 @@ import torch
 
 from finetune_trainer.config import JobConfig
 from finetune_trainer.data import sha256_of_file
+from finetune_trainer.model_manifest import render_model
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE, TERMINATION_MESSAGE_LIMIT
+from finetune_trainer.result import ResultMetrics, TrainerResult, termination_message
+from finetune_trainer.run_plan import RunPlan
 
-PRIMARY_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
 def gather_trainable_state_dict(model: torch.nn.Module, full: bool, is_main: bool) -> dict[str, torch.Tensor]:
@@ -90,33 +84,6 @@ def describe_files(output_dir: Path, names: list[str]) -> dict[str, dict[str, An
     }
 
 
-def primary_weights_file(files: dict[str, Any]) -> str | None:
-    return next((name for name in PRIMARY_WEIGHTS if name in files), None)
-
-
-def render_model_manifest(config: JobConfig, files: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
-    """The operator's Model manifest with spec.adapter and status.metrics filled in."""
-    manifest = copy.deepcopy(config.model_manifest)
-    primary = primary_weights_file(files)
-    spec = manifest.setdefault("spec", {})
-    adapter = dict(spec.get("adapter") or {})  # keeps the operator's uri
-    adapter.update(
-        format="peft" if config.method.uses_adapter else "full",
-        sha256=files[primary]["sha256"],
-        sizeBytes=files[primary]["size"],
-    )
-    spec["adapter"] = adapter
-    status = manifest.setdefault("status", {})
-    status["metrics"] = {
-        "trainLoss": metrics["trainLoss"],
-        "evalLoss": metrics["evalLoss"],
-        "initialEvalLoss": metrics["initialEvalLoss"],
-        "tokensSeen": metrics["tokens"],
-        "steps": metrics["steps"],
-    }
-    return manifest
-
-
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -131,30 +98,28 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def termination_message(result: dict[str, Any]) -> str:
-    message = json.dumps(result, separators=(",", ":"))
-    if len(message.encode()) <= TERMINATION_MESSAGE_LIMIT:
-        return message
-    files = result["files"]
-    primary = primary_weights_file(files)
-    kept = {primary: files[primary]} if primary else {}
-    short = {**result, "files": kept, "filesOmitted": len(files) - len(kept)}
-    return json.dumps(short, separators=(",", ":"))
-
-
-def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
-    if config.model_manifest is not None:
+def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics: dict[str, Any],
+                  run_plan: RunPlan | None = None) -> dict[str, Any]:
+    """Write model.yaml (when the operator gave a publish section) and then result.json."""
+    if config.publish is not None:
         import yaml
 
-        provisional = describe_files(output_dir, names)
-        manifest = render_model_manifest(config, provisional, metrics)
+        # model.yaml cannot list its own digest, so the manifest is rendered from the files
+        # written so far, which are exactly the files a Model lists (TrainerResult.model_files).
+        provisional = _result(output_dir, names, metrics, run_plan)
+        manifest = render_model(config.publish, config.method, config.training, provisional)
         _write_atomically(output_dir / MODEL_MANIFEST_FILE, yaml.safe_dump(manifest, sort_keys=False))
         names = [*names, MODEL_MANIFEST_FILE]
-    result = {"files": describe_files(output_dir, names), "metrics": metrics}
-    _write_atomically(output_dir / RESULT_FILE, json.dumps(result, indent=2))
+    result = _result(output_dir, names, metrics, run_plan)
+    _write_atomically(output_dir / RESULT_FILE, json.dumps(result.to_wire(), indent=2))
     if config.reporting.termination_message_path:
         write_termination_message(config.reporting.termination_message_path, termination_message(result))
-    return result
+    return result.to_wire()
+
+
+def _result(output_dir: Path, names: list[str], metrics: dict[str, Any], run_plan: RunPlan | None) -> TrainerResult:
+    return TrainerResult(files=describe_files(output_dir, names), metrics=ResultMetrics.model_validate(metrics),
+                         run_plan=run_plan)
 
 
 def write_termination_message(path: str, message: str) -> None:

@@ -1,0 +1,41 @@
+"""The spec's rules hold in Python exactly as the API server enforces them (tests/integration/
+test_api_validation.py runs the same cases through `kubectl apply`): a local run, or the trainer
+reading its config, rejects what the API server rejects."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+from spec_cases import INVALID, SERVER_ONLY, VALID, with_changes
+
+from finetune_operator import api, crdgen
+from finetune_trainer.config import DistributedConfig
+
+CHECKED_HERE = [c for c in INVALID if c[0] not in SERVER_ONLY]
+
+
+def parse(manifest: dict) -> api.FineTuneJob:
+    return api.FineTuneJob.model_validate({**manifest, "metadata": {**manifest["metadata"], "namespace": "ns"}})
+
+
+def test_the_valid_spec_parses():
+    parse(VALID)
+
+
+@pytest.mark.parametrize("case,path,value,expected", CHECKED_HERE, ids=[c[0] for c in CHECKED_HERE])
+def test_python_rejects_what_the_api_server_rejects(case, path, value, expected):
+    with pytest.raises(ValidationError) as caught:
+        parse(with_changes(path, value))
+    # A rule's Python twin says the rule's own message.
+    message = expected.split(": ", 1)[-1] if "Invalid value" not in expected else expected
+    if not any(token in expected for token in ("Required value", "Unsupported value", "unknown field", "spec.")):
+        assert message in str(caught.value)
+
+
+def test_section_rules_are_in_the_crd_once_at_their_section():
+    spec = crdgen.finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    distributed = spec["properties"]["distributed"]["x-kubernetes-validations"]
+    for rule in DistributedConfig.RULES:
+        assert rule.to_cel() in distributed
+    every_rule = str(spec)
+    assert every_rule.count("self.offload != 'parameters'") == 1
