@@ -78,8 +78,12 @@ def _section(path: str, node: dict[str, Any], out: list[str]) -> None:
             anchor = f"{path}.{name}".replace(".", "").lower()
             field = f"[{field}](#{anchor})"
             nested.append((f"{path}.{name}", obj))
-        default = f"`{yaml.safe_dump(child['default'], default_flow_style=True).strip().removesuffix('...').strip()}`" \
-            if "default" in child else ""
+        if child.get("type") == "object" and "properties" in child and "default" in child:
+            default = "its fields' defaults"  # listed in the object's own section
+        elif "default" in child:
+            default = f"`{yaml.safe_dump(child['default'], default_flow_style=True).strip().removesuffix('...').strip()}`"
+        else:
+            default = ""
         description = " ".join([_cell(child.get("description", ""))] + [f"*{c}*" for c in _constraints(child)]).strip()
         out.append(f"| {field} | {_type(child)} | {default} | {description} |")
     out.append("")

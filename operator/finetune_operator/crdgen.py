@@ -86,7 +86,9 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
                 # only defaults inside objects that exist.
                 if prop.get("type") == "object" and name not in required and "default" not in prop \
                         and not prop.get("nullable") and "properties" in prop:
-                    prop["default"] = {}
+                    # Spelled out rather than {}: the API server checks a default against the
+                    # object's CEL rules without defaulting inside it first.
+                    prop["default"] = _filled_in(prop)
         elif key == "items":
             out["items"] = to_structural(value, defs)
         elif key == "additionalProperties":
@@ -105,6 +107,11 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if out.get("type") == "object" and "properties" in out and out.get("additionalProperties") is False:
         del out["additionalProperties"]  # structural schemas prune unknown fields anyway
     return out
+
+
+def _filled_in(schema: dict[str, Any]) -> dict[str, Any]:
+    """The value of an omitted object: each of its fields' defaults."""
+    return {name: copy.deepcopy(prop["default"]) for name, prop in schema.get("properties", {}).items() if "default" in prop}
 
 
 def schema_of(model: type[BaseModel], mode: str = "validation") -> dict[str, Any]:
