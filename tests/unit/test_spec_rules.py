@@ -39,3 +39,38 @@ def test_section_rules_are_in_the_crd_once_at_their_section():
         assert rule.to_cel() in distributed
     every_rule = str(spec)
     assert every_rule.count("self.offload != 'parameters'") == 1
+
+
+# Trainer settings a FineTuneJob does not set directly: the operator derives them from the job's
+# URIs, Secrets and its own endpoints.
+DERIVED = {"jobName", "baseModel.source", "baseModel.tokenFile", "baseModel.cacheDir", "dataset.path", "output",
+           "checkpointing.dir", "reporting", "publish"}
+
+
+def _leaves(model, prefix=""):
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        if path in DERIVED:
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and path.count(".") < 1:
+            yield from _leaves(annotation, path + ".")
+        else:
+            yield path
+
+
+def test_every_trainer_setting_is_reachable_from_a_finetunejob():
+    from finetune_trainer.config import JobConfig
+
+    spec = crdgen.finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    missing = []
+    for path in _leaves(JobConfig):
+        node = spec
+        for part in path.split("."):
+            node = node.get("properties", {}).get(part)
+            if node is None:
+                missing.append(path)
+                break
+    assert not missing, f"trainer settings a FineTuneJob cannot set: {missing}"
