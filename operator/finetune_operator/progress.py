@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+from finetune_trainer.protocol import format_duration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import kube, naming
@@ -47,16 +48,10 @@ class ProgressReport(BaseModel):
 
 
 def format_eta(seconds: float | None) -> str | None:
+    """status.progress.eta: the trainer's own duration format, or None (no ETA shown)."""
     if seconds is None or not math.isfinite(seconds):
         return None
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+    return format_duration(seconds)
 
 
 def status_progress(report: ProgressReport, now: datetime | None = None) -> dict[str, Any]:

@@ -19,3 +19,26 @@ PROGRESS_PREFIX = "FINETUNE_PROGRESS "
 
 # Kubernetes truncates termination messages longer than this.
 TERMINATION_MESSAGE_LIMIT = 4096
+
+# The `event` of a progress record after each optimizer step (others: "started", "eval").
+PROGRESS_EVENT = "progress"
+
+# A user error (EXIT_USER_ERROR) is this prefix and one line on stderr.
+USER_ERROR_PREFIX = "finetune-trainer: error: "
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: "45s", "12m30s", "1h02m" (rounded to the second).
+
+    One format for the trainer's log lines, the operator's status.progress.eta and the
+    `kubectl finetune` progress bar. Negative counts as 0; NaN or infinity is "?"."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -16,7 +16,7 @@ import urllib.request
 from typing import Any
 
 from finetune_trainer.config import ReportingConfig
-from finetune_trainer.protocol import PROGRESS_PREFIX
+from finetune_trainer.protocol import PROGRESS_PREFIX, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Reporter:
             self.pusher.offer(record)
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %s",
-            step, total_steps, loss, learning_rate, tokens_per_second, _duration(eta_seconds),
+            step, total_steps, loss, learning_rate, tokens_per_second, format_duration(eta_seconds),
         )
 
     def evaluated(self, step: int, eval_loss: float) -> None:
@@ -182,9 +182,3 @@ class Reporter:
             self.stream.close()
         if self.metrics is not None:
             self.metrics.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

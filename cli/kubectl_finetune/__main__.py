@@ -1,0 +1,3 @@
+from kubectl_finetune.main import main
+
+main()
