@@ -140,6 +140,9 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
                          60, what="the Model to be Ready")
         adapter = models_dir / "quickstart" / "adapter_model.safetensors"
         assert model["spec"]["adapter"]["sha256"] == hashlib.sha256(adapter.read_bytes()).hexdigest()
+        # The Model the operator published is the model.yaml the trainer wrote (one renderer).
+        manifest = yaml.safe_load((models_dir / "quickstart" / "model.yaml").read_text())
+        assert manifest["spec"] == model["spec"] and manifest["status"]["metrics"] == model["status"]["metrics"]
         metrics = json.loads((models_dir / "quickstart" / "result.json").read_text())["metrics"]
         assert metrics["evalLoss"] < metrics["initialEvalLoss"]
         # The trainer ran from the trainer image on the real node, as build_job's non-root user
