@@ -24,7 +24,8 @@ COPY trainer-image/finetune_trainer ./trainer-image/finetune_trainer
 # (README.md) is left empty, so README edits do not rebuild the image.
 RUN --mount=type=cache,id=fto-pip,target=/root/.cache/pip \
     touch README.md \
- && pip install -c constraints.txt .
+ && pip install -c constraints.txt . \
+ && rm /opt/venv/bin/kubectl-finetune  # the CLI is its own package (cli/), not in this image
 
 FROM ${PYTHON_BASE}
 ARG VERSION=0.1.0

@@ -27,6 +27,7 @@ from finetune_trainer.protocol import format_duration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import kube, naming
+from .api import TERMINAL_PHASES
 from .kubetime import format_time
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class ProgressBuffer:
             for (namespace, name), progress in self.due(time.monotonic()):
                 try:
                     ftj = await kube.get("FineTuneJob", namespace, name)
-                    if ftj and ftj.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                    if ftj and ftj.get("status", {}).get("phase") not in TERMINAL_PHASES:
                         await kube.patch_status("FineTuneJob", namespace, name, {"progress": progress})
                 except Exception as exc:  # keep serving; the next report retries
                     log.warning("could not write progress of %s/%s: %s", namespace, name, exc)

@@ -34,7 +34,7 @@ def _setup_logging() -> None:
 
 
 def _fail(message: str, exit_code: int, termination_path: str | None) -> int:
-    print(f"finetune-trainer: error: {message}", file=sys.stderr)
+    print(f"{protocol.USER_ERROR_PREFIX}{message}", file=sys.stderr)
     if termination_path and os.environ.get("RANK", "0") == "0":
         from finetune_trainer.outputs import write_termination_message
 
