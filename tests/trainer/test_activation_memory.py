@@ -58,10 +58,7 @@ def test_explicit_settings_win_and_auto_is_off_on_cpu(setting, expected):
     config = _config(gradientCheckpointing=setting)
     steps = batching.StepPlan(num_rows=2, micro_batch_size=4, global_batch_size=32, world_size=1, epochs=1,
                               max_steps=None, seed=0)
-    count = activation_memory.plan(model, collate, config, [100, 200], steps, torch.device("cpu"))
-    assert count == expected
-    flags = [layer.gradient_checkpointing for layer in activation_memory.checkpointable_layers(model)]
-    assert flags == [True] * expected + [False] * (2 - expected)
+    assert activation_memory.plan(model, collate, config, [100, 200], steps, torch.device("cpu")) == expected
 
 
 @pytest.mark.gpu
@@ -71,6 +68,7 @@ def test_peak_is_linear_in_checkpointed_layers():
     device = torch.device("cuda")
     model, tokenizer = presets.build_preset("llama-1b", torch.bfloat16, device)
     attention_name = attention.choose(device)
+    attention.register()
     model.config._attn_implementation = attention_name
     model = adapters.prepare_for_training(model, MethodConfig(), enable_checkpointing=True)
     collate = batching.Collator(tokenizer, packing=True, flatten=attention.flattens(attention_name))

@@ -28,6 +28,7 @@ def test_compiled_layers_match_eager_and_compile_once_for_changing_shapes():
     torch._dynamo.reset()
     device = torch.device("cuda")
     model, tokenizer = presets.build_preset("tiny-llama", torch.bfloat16, device)
+    attention.register()
     model.config._attn_implementation = attention.choose(device)
     assert attention.flattens(model.config._attn_implementation)
     model = adapters.prepare_for_training(model, MethodConfig(), enable_checkpointing=False)

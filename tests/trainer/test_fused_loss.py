@@ -44,6 +44,7 @@ def test_an_architecture_liger_does_not_cover_is_left_as_it_is():
 
 def _gpu_model(device, preset="tiny-llama"):
     model, tokenizer = presets.build_preset(preset, torch.bfloat16, device)
+    attention.register()
     model.config._attn_implementation = attention.choose(device)
     return model, tokenizer
 

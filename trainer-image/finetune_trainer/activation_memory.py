@@ -136,7 +136,8 @@ def measure(model, collate, rows, device) -> tuple[float | None, tuple[int, floa
 
 
 def plan(model, collate, config, rows_tokens: list[int], step_plan: StepPlan, device: torch.device) -> int:
-    """Choose and apply how many decoder layers are checkpointed; returns the count.
+    """How many decoder layers to checkpoint (planning.plan_run records it; train.py applies it
+    with set_checkpointed_layers: the probe leaves the layers in whatever state it measured last).
 
     `step_plan` gives the process count and the micro-batches a step accumulates, which
     decide what the engine holds beside the activations.
@@ -160,7 +161,6 @@ def plan(model, collate, config, rows_tokens: list[int], step_plan: StepPlan, de
         count = layers
     else:
         count = _measured_plan(model, collate, config, rows_tokens, step_plan, device, layers)
-    set_checkpointed_layers(model, count)
     return count
 
 

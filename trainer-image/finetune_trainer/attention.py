@@ -42,6 +42,8 @@ def register() -> None:
 
 
 def choose(device: torch.device) -> str:
+    """The fastest attention this node has (module docstring). Deciding only: a caller that
+    loads a model with PACKED_ATTENTION registers it first (planning.choose_kernels does)."""
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -50,7 +52,6 @@ def choose(device: torch.device) -> str:
         except ImportError:
             pass
         if _torch_varlen_attn() is not None:
-            register()
             return PACKED_ATTENTION
     return "sdpa"
 

@@ -58,12 +58,16 @@ class StepPlan:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """Row indices of this process's micro-batches for one optimizer step."""
+    def step_rows(self, step: int) -> list[int]:
+        """Row indices of one optimizer step, over all processes (what micro_batches splits)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = list(range(self.num_rows))
         random.Random(self.seed + epoch).shuffle(order)
-        step_rows = order[position * self.global_batch_size : (position + 1) * self.global_batch_size]
+        return order[position * self.global_batch_size : (position + 1) * self.global_batch_size]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Row indices of this process's micro-batches for one optimizer step."""
+        step_rows = self.step_rows(step)
         batches = []
         for micro in range(self.accumulation_steps):
             start = (micro * self.world_size + rank) * self.micro_batch_size
@@ -147,4 +151,7 @@ def count_tokens(rows: list[Row]) -> int:
 
 
 def count_targets(rows: list[Row]) -> int:
+    """Tokens the model's loss averages over for these rows. The causal LM loss shifts the labels
+    by one (token t predicts label t+1), so a sequence's first label is never a target; it is
+    always -100 (data.tokenize, and the collators' separators), so counting labels counts targets."""
     return sum(s.trained_tokens for row in rows for s in row)

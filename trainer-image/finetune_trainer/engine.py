@@ -6,6 +6,7 @@ accelerator with gloo), so there is one training path everywhere.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ def cast_like_engine(model: torch.nn.Module, device: torch.device) -> None:
             parameter.data = parameter.data.to(torch.bfloat16)
 
 
-def build_engine(model: torch.nn.Module, config: JobConfig, plan: StepPlan, device: torch.device):
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], config: JobConfig, plan: StepPlan):
+    """The engine for `ds_config` (the run plan's, which deepspeed_config proposed)."""
     import deepspeed
 
     def scheduler(optimizer):
@@ -97,7 +99,7 @@ def build_engine(model: torch.nn.Module, config: JobConfig, plan: StepPlan, devi
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(config, plan, device),
+        config=copy.deepcopy(ds_config),  # DeepSpeed adds its own keys to the dict it is given
         lr_scheduler=scheduler,
     )
     return engine

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune_trainer import attention as attention_choice
 from finetune_trainer import presets
 from finetune_trainer.config import BaseModelConfig, MethodConfig
 from finetune_trainer.errors import ConfigError
@@ -111,9 +110,10 @@ def load_tokenizer(config: BaseModelConfig, model_dir: Path | None):
     return tokenizer
 
 
-def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodConfig, device: torch.device):
+def load_model(config: BaseModelConfig, model_dir: Path | None, method: MethodConfig, device: torch.device,
+               attention: str):
+    """The base model with `attention` as its attn_implementation (the run plan's choice)."""
     dtype = training_dtype(device)
-    attention = attention_choice.choose(device)
     if attention == "sdpa" and device.type == "cuda":
         # Only on a GPU without a varlen kernel (torch < 2.10, no flash-attn). Packed rows then
         # reach SDPA with a block-diagonal mask and a width that changes from step to step. On

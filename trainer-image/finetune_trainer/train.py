@@ -3,9 +3,10 @@
   1. read and validate the dataset (fails fast, before any model is loaded)
   2. join the process group (torchrun env, or a group of one)
   3. load the base model's tokenizer; tokenize, split, pack
-  4. load the base model, fuse its LM head with the loss (GPUs), wrap it for the method
-     (LoRA / QLoRA / DoRA / full); choose how many layers need gradient checkpointing
-  5. build the DeepSpeed engine (ZeRO 0-3, offload)
+  4. plan the run (planning.py): choose the kernels, build the model with them (attention, fused
+     LM head + loss, the method's wrapper: LoRA / QLoRA / DoRA / full, torch.compile), then the
+     rest of the plan (checkpointed layers, DeepSpeed config); log it once
+  5. build the DeepSpeed engine (ZeRO 0-3, offload) from the plan's config
   6. resume from the latest complete checkpoint, if any
   7. train: optimizer steps, progress, checkpoints, SIGTERM -> checkpoint and exit 143
   8. evaluate, save weights + tokenizer, write model.yaml, write result.json last
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,12 +22,16 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from finetune_trainer import data
 from finetune_trainer.config import JobConfig
 from finetune_trainer.errors import ConfigError, TrainingDiverged
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE
+from finetune_trainer.run_plan import RunPlan, RunPlanOverrides
+
+if TYPE_CHECKING:
+    from finetune_trainer.batching import Row  # torch: imported only once the data is read
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,10 @@ class StopRequest:
         self.requested = True
 
 
-def run(config: JobConfig) -> dict[str, Any]:
+def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan:
+    """Train, save and write result.json; returns the plan the run followed. `overrides` replace
+    the trainer's own runtime choices (the benchmark's variants); a job never sets them."""
+    overrides = overrides or RunPlanOverrides()
     stop = StopRequest()
     output_dir = Path(config.output.dir)
     if os.environ.get("RANK", "0") == "0":
@@ -68,7 +77,7 @@ def run(config: JobConfig) -> dict[str, Any]:
     import transformers
 
     from finetune_trainer import activation_memory, adapters, attention, batching, checkpointing, compiling
-    from finetune_trainer import distributed, engine as engines, fused_loss, model_loading, outputs
+    from finetune_trainer import distributed, engine as engines, fused_loss, model_loading, outputs, planning
     from finetune_trainer.reporting import Reporter
 
     # 2. Processes.
@@ -95,7 +104,7 @@ def run(config: JobConfig) -> dict[str, Any]:
         train_sequences, validation_sequences = data.split(sequences, config.dataset.validation_split, training.seed)
         train_rows = data.pack_rows(train_sequences, training.max_seq_length, training.packing, training.seed)
         validation_rows = data.pack_rows(validation_sequences, training.max_seq_length, training.packing, training.seed)
-        plan = batching.StepPlan(
+        steps = batching.StepPlan(
             num_rows=len(train_rows),
             micro_batch_size=training.micro_batch_size,
             global_batch_size=training.global_batch_size,
@@ -104,36 +113,39 @@ def run(config: JobConfig) -> dict[str, Any]:
             max_steps=training.max_steps,
             seed=training.seed,
         )
-        plan.validate()
+        steps.validate()
         log.info(
             "%d train rows (%d sequences), %d validation rows; %d steps of %d rows (%d micro-batches x %d processes x %d accumulation)",
-            len(train_rows), len(train_sequences), len(validation_rows), plan.total_steps,
-            training.global_batch_size, training.micro_batch_size, dist.world_size, plan.accumulation_steps,
+            len(train_rows), len(train_sequences), len(validation_rows), steps.total_steps,
+            training.global_batch_size, training.micro_batch_size, dist.world_size, steps.accumulation_steps,
         )
 
-        # 4. Model and method. The job seed fixes adapter init and dropout.
+        # 4. The run plan and the model it describes. The job seed fixes adapter init and dropout.
+        kernels = planning.choose_kernels(config, dist.device, overrides)
         transformers.set_seed(training.seed)
-        model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device)
+        model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device, kernels.attention)
         model.name_or_path = config.base_model.source  # PEFT records it in adapter_config.json
-        if fused_loss.wanted(dist.device, config.distributed.zero_stage):
-            fused_loss.apply(model)  # before PEFT wraps the model, and before the memory probe
+        # Before PEFT wraps the model, and before the memory probe. Liger does not cover every
+        # architecture; the plan records what ran.
+        if kernels.fused_loss and not fused_loss.apply(model):
+            kernels = dataclasses.replace(kernels, fused_loss=False)
         model = adapters.prepare_for_training(
             model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
         )
         engines.cast_like_engine(model, dist.device)
-        if compiling.wanted(training.compile, config.method.type, config.distributed.zero_stage, dist.device):
+        if kernels.compile:
             compiling.compile_decoder_layers(model)
-        collate = batching.Collator(
-            tokenizer, training.packing, flatten=attention.flattens(model.config._attn_implementation)
-        )
+        collate = batching.Collator(tokenizer, training.packing, flatten=attention.flattens(kernels.attention))
         # After compiling (compiled layers keep fewer activations), before the engine (the
         # memory probe runs plain forward/backward passes).
-        checkpointed_layers = activation_memory.plan(
-            model, collate, config, [batching.count_tokens([row]) for row in train_rows], plan, dist.device
+        plan = planning.plan_run(
+            config, dist, steps, kernels, model, collate, [batching.count_tokens([row]) for row in train_rows], overrides
         )
+        activation_memory.set_checkpointed_layers(model, plan.checkpointed_layers)
+        log.info("run plan: %s", plan.model_dump_json(by_alias=True))
 
         # 5. Engine.
-        engine = engines.build_engine(model, config, plan, dist.device)
+        engine = engines.build_engine(model, plan.deepspeed, config, steps)
 
         # 6. Resume.
         checkpoint_root = config.checkpoint_dir
@@ -157,31 +169,29 @@ def run(config: JobConfig) -> dict[str, Any]:
             if state["initialEvalLoss"] is not None:
                 reporter.evaluated(0, state["initialEvalLoss"])
         reporter.started(
-            plan.total_steps, state["step"], resumed=state["step"] > 0,
+            steps.total_steps, state["step"], resumed=state["step"] > 0,
             examples=len(records), skippedLines=skipped_lines, worldSize=dist.world_size,
-            checkpointedLayers=checkpointed_layers,
+            checkpointedLayers=plan.checkpointed_layers,
         )
 
         # 7. Train.
         step = state["step"]
         last_saved_step = step
         run_start, steps_this_run = time.perf_counter(), 0
-        while step < plan.total_steps:
+        while step < steps.total_steps:
             step_start = time.perf_counter()
-            micro_losses, tokens = [], 0
-            for row_indices in plan.micro_batches(step, dist.rank):
-                rows = [train_rows[i] for i in row_indices]
-                loss = engine(**collate(rows, dist.device)).loss
-                engine.backward(loss)
-                engine.step()  # DeepSpeed applies the update at the accumulation boundary
-                micro_losses.append(loss.item())
-                tokens += batching.count_tokens(rows)
+            micro_batches = [[train_rows[i] for i in indices] for indices in steps.micro_batches(step, dist.rank)]
+            # Every process holds all rows and the same plan, so each counts the whole step's
+            # targets (all processes' micro-batches) itself.
+            step_targets = batching.count_targets([train_rows[i] for i in steps.step_rows(step)])
+            loss_sum = train_step(engine, micro_batches, step_targets, collate, dist)
+            tokens = sum(batching.count_tokens(rows) for rows in micro_batches)
             step += 1
             steps_this_run += 1
             loss_sum, step_tokens, stop_votes = distributed.all_reduce_sum(
-                [sum(micro_losses) / len(micro_losses), tokens, float(stop.requested)], dist.device
+                [loss_sum, tokens, float(stop.requested)], dist.device
             )
-            step_loss = loss_sum / dist.world_size
+            step_loss = loss_sum / step_targets
             check_finite(step, step_loss, engine.get_global_grad_norm(), training.learning_rate)
             state["step"] = step
             state["tokensSeen"] += int(step_tokens)
@@ -189,24 +199,24 @@ def run(config: JobConfig) -> dict[str, Any]:
             elapsed = time.perf_counter() - run_start
             reporter.step(
                 step=step,
-                total_steps=plan.total_steps,
-                epoch=plan.epoch_of(step - 1),
+                total_steps=steps.total_steps,
+                epoch=steps.epoch_of(step - 1),
                 loss=step_loss,
                 learning_rate=engine.get_lr()[0],
                 tokens=int(step_tokens),
                 tokens_seen=state["tokensSeen"],
                 step_seconds=time.perf_counter() - step_start,
-                eta_seconds=elapsed / steps_this_run * (plan.total_steps - step),
+                eta_seconds=elapsed / steps_this_run * (steps.total_steps - step),
                 gpu_memory=torch.cuda.max_memory_allocated() if dist.device.type == "cuda" else None,
             )
-            checkpoint_due = step % config.checkpointing.every_steps == 0 and step < plan.total_steps
+            checkpoint_due = step % config.checkpointing.every_steps == 0 and step < steps.total_steps
             if checkpoint_due or (stop_votes and step > last_saved_step):
                 path = checkpointing.save(engine, checkpoint_root, step, state, config.checkpointing.keep, dist)
                 last_saved_step = step
                 reporter.emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop_votes:
                 reporter.emit({"event": "preempted", "step": step})
-                raise Preempted(f"stopped by SIGTERM at step {step}/{plan.total_steps}; checkpoint saved, rerun to resume")
+                raise Preempted(f"stopped by SIGTERM at step {step}/{steps.total_steps}; checkpoint saved, rerun to resume")
 
         # 8. Evaluate and save.
         eval_loss = evaluate()
@@ -215,7 +225,6 @@ def run(config: JobConfig) -> dict[str, Any]:
         engine.empty_partition_cache()  # see _evaluate
         staging = output_dir / f".staging-{time.time_ns()}"
         outputs.save_weights(engine.module, tokenizer, not config.method.uses_adapter, staging, dist.is_main)
-        result = None
         if dist.is_main:
             names = outputs.publish_staged(staging, output_dir)
             recent = state["recentLosses"]
@@ -227,14 +236,46 @@ def run(config: JobConfig) -> dict[str, Any]:
                 "tokens": state["tokensSeen"],
                 "skippedLines": skipped_lines,
             }
-            result = outputs.write_results(config, output_dir, names, metrics)
+            outputs.write_results(config, output_dir, names, metrics, run_plan=plan)
             reporter.emit({"event": "finished", "step": step, "metrics": metrics})
             log.info("done: %s", metrics)
         distributed.barrier()
-        return result or {}
+        return plan
     finally:
         reporter.close()
         distributed.teardown()
+
+
+def train_step(engine, micro_batches: list[list[Row]], step_targets: int, collate, dist) -> float:
+    """One optimizer step over this process's micro-batches; returns their summed per-target-token
+    loss (a float: one host sync per step, not one per micro-batch).
+
+    The step's loss is the mean over every target token of the step, on every process: the sum of
+    the per-token losses over all micro-batches divided by `step_targets`, the same estimator as
+    the eval loss. Its gradient is what backward must produce. The model's loss is a mean over one
+    micro-batch's targets, so times that micro-batch's target count it is the micro-batch's sum.
+    DeepSpeed then divides each backward's loss by the accumulation steps and averages the
+    gradients over the processes; scaling the sum by accumulation x processes / step_targets
+    undoes both, leaving d(step loss)/d(weights).
+
+    A mean of micro-batch means would weigh a target token in a short micro-batch more than one in
+    a long micro-batch. Weighted by tokens, each target counts the same, so a step whose
+    micro-batches hold equal target counts gets the gradient it got before, and one whose
+    micro-batches differ shifts weight toward the longer ones: its effective learning rate per
+    token changes, not the learning rate of the step as a whole.
+    """
+    import torch
+
+    from finetune_trainer import batching
+
+    scale = len(micro_batches) * dist.world_size / step_targets
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for rows in micro_batches:
+        summed = engine(**collate(rows, dist.device)).loss * batching.count_targets(rows)
+        engine.backward(summed * scale)
+        engine.step()  # DeepSpeed applies the update at the accumulation boundary
+        loss_sum += summed.detach()
+    return loss_sum.item()
 
 
 def check_finite(step: int, loss: float, grad_norm, learning_rate: float) -> None:
