@@ -5,9 +5,8 @@ gives rank 0 a stable DNS name for torchrun's rendezvous."""
 from __future__ import annotations
 
 import yaml
-from finetune_trainer.protocol import EXIT_USER_ERROR
 
-from . import naming, provisioning, sources, trainer_config
+from . import failures, naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
 from .progress import AUDIENCE as PROGRESS_AUDIENCE
 from .settings import OperatorSettings
@@ -170,15 +169,9 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "parallelism": spec.distributed.nodes,
         # backoffLimit counts failed pods; a multi-node attempt that fails ends all its pods.
         "backoffLimit": spec.backoff_limit * spec.distributed.nodes,
-        "podFailurePolicy": {
-            "rules": [
-                # Bad config or bad data: retrying cannot help, so fail the whole Job at once
-                # instead of burning the backoff limit.
-                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_USER_ERROR]}},
-                # Preemption, eviction and node drain are not the trainer's fault.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            ]
-        },
+        # What the Job controller does about a failed pod, from the one table of failure rules:
+        # fail at once on bad config or data, ignore disruptions (failures.RULES).
+        "podFailurePolicy": failures.pod_failure_policy(TRAINER_CONTAINER),
         "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }
     if spec.active_deadline_seconds:

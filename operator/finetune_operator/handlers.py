@@ -1,10 +1,15 @@
 """Kopf handlers: thin entry points that hand every FineTuneJob to `reconcile`.
 
 Four triggers feed the same level-triggered reconcile: the FineTuneJob itself (create, resume
-after an operator restart, and the lifecycle edits the CRD allows), any change of a trainer Job
-it owns, a periodic resync that makes a missed watch event harmless, and, for finished jobs with
-ttlSecondsAfterFinished, a timer that expires them. Deleting a job with a Karpenter pool runs one
-more handler, behind a finalizer, that releases the pool.
+after an operator restart, the lifecycle edits the CRD allows, and its deletion), any change of a
+trainer Job it owns, a periodic resync that makes a missed watch event harmless, and, for
+finished jobs with ttlSecondsAfterFinished, a timer that expires them. Deleting a job with a
+Karpenter pool runs one more handler, behind a finalizer, that releases the pool.
+
+Nothing here reads the environment: `main` builds the settings once and passes them, with the
+per-job state, in Kopf's memo (`memo.settings`, `memo.jobs`; see `make_memo`). The resync timer's
+interval is a setting, and Kopf fixes a timer's interval when it is registered, so `main`
+registers that timer (`register_resync`) once the settings are read.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import kopf
 
 from .api import GROUP, TERMINAL_PHASES, VERSION, FineTuneJob
 from .naming import JOB_LABEL
-from .reconcile import reconcile, release_node_pool
+from .reconcile import JobStates, reconcile, release_node_pool
 from .settings import OperatorSettings
 
 FTJ = (GROUP, VERSION, "finetunejobs")
-operator_settings = OperatorSettings()
+
+
+def make_memo(settings: OperatorSettings) -> kopf.Memo:
+    """The operator's memo. Kopf gives each object a shallow copy, so `jobs` is shared."""
+    return kopf.Memo(settings=settings, jobs=JobStates())
 
 
 @kopf.on.startup()
@@ -43,32 +52,41 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
 @kopf.on.create(*FTJ)
 @kopf.on.resume(*FTJ)
 @kopf.on.update(*FTJ)
-async def finetunejob_changed(name: str, namespace: str, **_) -> None:
-    await reconcile(namespace, name, operator_settings)
+async def finetunejob_changed(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    await reconcile(namespace, name, memo.settings, memo.jobs)
+
+
+@kopf.on.event(*FTJ, when=lambda type, **_: type == "DELETED")
+async def finetunejob_gone(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    await reconcile(namespace, name, memo.settings, memo.jobs)  # finds it gone: drops its state
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
-async def trainer_job_changed(labels: dict, namespace: str, **_) -> None:
-    await reconcile(namespace, labels[JOB_LABEL], operator_settings)
+async def trainer_job_changed(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
+    await reconcile(namespace, labels[JOB_LABEL], memo.settings, memo.jobs)
 
 
-@kopf.timer(*FTJ, interval=operator_settings.resync_seconds, initial_delay=operator_settings.resync_seconds,
-            when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES)
-async def resync(name: str, namespace: str, **_) -> None:
-    await reconcile(namespace, name, operator_settings)
+async def resync(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    await reconcile(namespace, name, memo.settings, memo.jobs)
+
+
+def register_resync(interval: float, registry: kopf.OperatorRegistry | None = None) -> None:
+    """Reconcile every live FineTuneJob every `interval` seconds (settings.resync_seconds)."""
+    kopf.timer(*FTJ, id="resync", interval=interval, initial_delay=interval, registry=registry,
+               when=lambda status, **_: status.get("phase") not in TERMINAL_PHASES)(resync)
 
 
 @kopf.timer(*FTJ, interval=5, when=lambda spec, status, **_: status.get("phase") in TERMINAL_PHASES
             and spec.get("ttlSecondsAfterFinished") is not None)
-async def expire_finished(name: str, namespace: str, **_) -> None:
-    await reconcile(namespace, name, operator_settings)
+async def expire_finished(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+    await reconcile(namespace, name, memo.settings, memo.jobs)
 
 
-def _uses_karpenter(spec: dict, **_) -> bool:
-    provisioner = (spec.get("nodePool") or {}).get("provisioner") or operator_settings.default_provisioner
+def _uses_karpenter(spec: dict, memo: kopf.Memo, **_) -> bool:
+    provisioner = (spec.get("nodePool") or {}).get("provisioner") or memo.settings.default_provisioner
     return provisioner == "karpenter"
 
 
 @kopf.on.delete(*FTJ, when=_uses_karpenter)
-async def finetunejob_deleted(body: dict, **_) -> None:
-    await release_node_pool(FineTuneJob.model_validate(body), operator_settings)
+async def finetunejob_deleted(body: dict, memo: kopf.Memo, **_) -> None:
+    await release_node_pool(FineTuneJob.model_validate(body), memo.settings)

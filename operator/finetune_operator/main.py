@@ -22,7 +22,7 @@ from aiohttp import web
 from . import handlers, login  # noqa: F401  (registers the handlers and the login)
 from .leader import LeaseElector
 from .progress import ProgressBuffer, make_app
-from .settings import OperatorSettings
+from .settings import OperatorSettings, load
 
 log = logging.getLogger("finetune_operator")
 
@@ -73,12 +73,14 @@ async def run(settings: OperatorSettings) -> int:
 
     keeper = asyncio.create_task(elector.keep(stop))
     namespaces = settings.watched_namespaces
+    handlers.register_resync(settings.resync_seconds)
     try:
         await kopf.operator(
             standalone=True,  # leader election above replaces Kopf's peering
             clusterwide=not namespaces,
             namespaces=namespaces,
             stop_flag=stop,
+            memo=handlers.make_memo(settings),
         )
     finally:
         stop.set()
@@ -94,7 +96,8 @@ async def run(settings: OperatorSettings) -> int:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the log
-    sys.exit(asyncio.run(run(OperatorSettings())))
+    settings = load()  # once, before anything starts: bad settings exit here, with one line
+    sys.exit(asyncio.run(run(settings)))
 
 
 if __name__ == "__main__":

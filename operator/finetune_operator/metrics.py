@@ -22,6 +22,8 @@ PROVISIONING_SECONDS = Histogram("finetune_provisioning_duration_seconds",
                                  buckets=DURATION_BUCKETS)
 JOB_SECONDS = Histogram("finetune_job_duration_seconds", "Time from creation to Succeeded or Failed.",
                         ["outcome"], buckets=DURATION_BUCKETS)
+STATUS_WRITES = Counter("finetune_status_writes_total",
+                        "FineTuneJob status PATCHes; sent only when the status changes.")
 RETRIES = Counter("finetune_trainer_retries_total", "Failed trainer pods, by classified reason.", ["reason"])
 
 _phases: dict[tuple[str, str], str] = {}

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .api import FineTuneJob
@@ -66,7 +65,7 @@ def _requirements(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str
     if res.instance_type:
         reqs.append({"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": [res.instance_type]})
     extra = settings.cpu_pool_requirements if res.accelerator == "none" else settings.gpu_pool_requirements
-    reqs.extend(json.loads(extra) if extra else [])
+    reqs.extend(r.to_wire() for r in extra)
     return reqs
 
 
@@ -75,13 +74,15 @@ def build_node_pool(job: FineTuneJob, settings: OperatorSettings) -> dict[str, A
     if provisioner_of(job, settings) != "karpenter":
         return None
     class_ref = job.spec.node_pool.node_class_ref
-    if class_ref is None:
-        if not settings.karpenter_node_class:
-            raise ValueError("nodePool.nodeClassRef is unset and the operator has no default Karpenter node class "
-                             "(chart value karpenter.nodeClassRef)")
-        class_ref_wire = json.loads(settings.karpenter_node_class)
-    else:
+    if class_ref is not None:
         class_ref_wire = class_ref.to_wire()
+    elif settings.karpenter_node_class is not None:  # validated at startup (settings.py)
+        class_ref_wire = settings.karpenter_node_class.to_wire()
+    else:
+        # The job asks for karpenter while the operator's default provisioner is another one,
+        # which needs no default node class: the job must name its own.
+        raise ValueError("nodePool.nodeClassRef is unset and the operator has no default Karpenter node class "
+                         "(chart value karpenter.nodeClassRef)")
     pool_labels = {**labels(job, component="node-pool"), JOB_UID_LABEL: job.metadata.uid,
                    "finetune.ai/namespace": job.metadata.namespace}
     return {

@@ -9,9 +9,11 @@ killed between two steps leaves nothing that a second run would duplicate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import kopf
@@ -26,12 +28,44 @@ from .sources import UnsupportedSource
 
 log = logging.getLogger(__name__)
 
-_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
+@dataclass
+class JobState:
+    """What this process keeps about one FineTuneJob between reconciles."""
 
-def _lock(namespace: str, name: str) -> asyncio.Lock:
     # Job events, timers and create handlers may fire together for one FineTuneJob.
-    return _locks.setdefault((namespace, name), asyncio.Lock())
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    counted_failures: set[str] = field(default_factory=set)  # uids of failed pods already in RETRIES
+    finished: bool = False  # terminal or gone, as the last reconcile saw it
+    users: int = 0
+
+
+class JobStates:
+    """Per-job state of the operator process (it travels in Kopf's memo): created on a job's first
+    reconcile, dropped once a reconcile finds the job finished or gone and no other is waiting."""
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[str, str], JobState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._states
+
+    @contextlib.asynccontextmanager
+    async def hold(self, namespace: str, name: str) -> AsyncIterator[JobState]:
+        """The job's state, with its lock held."""
+        key = (namespace, name)
+        state = self._states.setdefault(key, JobState())
+        state.users += 1
+        try:
+            async with state.lock:
+                yield state
+        finally:
+            state.users -= 1
+            if state.finished and state.users == 0 and self._states.get(key) is state:
+                del self._states[key]
 
 
 @dataclass
@@ -52,26 +86,39 @@ def build_children(ftj: FineTuneJob, settings: OperatorSettings) -> Children:
     )
 
 
-async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
+async def reconcile(namespace: str, name: str, settings: OperatorSettings, jobs: JobStates) -> None:
     started = time.monotonic()
     try:
-        async with _lock(namespace, name):
+        async with jobs.hold(namespace, name) as state:
             raw = await kube.get("FineTuneJob", namespace, name)
             if raw is None or raw["metadata"].get("deletionTimestamp"):
+                state.finished = True
                 metrics.record_phase(namespace, name, None)
                 return
             ftj = FineTuneJob.model_validate(raw)
             metrics.record_phase(namespace, name, ftj.status.phase)
-            if ftj.status.phase in TERMINAL_PHASES:
-                await release_node_pool(ftj, settings)  # idempotent: covers a crash right after the status write
+            state.finished = ftj.status.phase in TERMINAL_PHASES
+            if state.finished:
+                # Idempotent, and covers a crash right after the status write.
+                await release_node_pool(ftj, settings)
+                if ftj.status.phase == "Failed":
+                    await _stop_trainer(ftj, await kube.get("Job", namespace, naming.trainer_name(ftj)), "Failed")
                 await _expire(ftj)
                 return
-            await _reconcile(raw, ftj, settings)
+            phase = await _reconcile(raw, ftj, settings, state)
+            state.finished = phase in TERMINAL_PHASES
     except Exception:
         metrics.RECONCILE_ERRORS.inc()
         raise
     finally:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+async def _stop_trainer(ftj: FineTuneJob, job: dict | None, phase: str) -> None:
+    """Delete the trainer Job of a job the operator failed (status.must_stop_trainer says when)."""
+    if status.must_stop_trainer(phase, job, ftj.metadata.uid):
+        log.info("stopping trainer Job %s/%s: the operator failed the job", ftj.metadata.namespace, job["metadata"]["name"])
+        await kube.delete("Job", ftj.metadata.namespace, job["metadata"]["name"])
 
 
 def _seconds_since(timestamp: str | None, now: datetime) -> float | None:
@@ -100,23 +147,28 @@ async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> Non
 
 
 async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings: OperatorSettings,
-                trainer_job: str | None = None) -> None:
+                trainer_job: str | None = None) -> str:
     obs = status.Observation("Failed", reason, message, completion_time=format_time(datetime.now(timezone.utc)))
     await _write_status(raw, ftj, obs, trainer_job, settings)
+    return obs.phase
 
 
 async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, trainer_job: str | None,
                         settings: OperatorSettings) -> None:
+    """PATCH the status, only if that changes it; a phase change is logged, counted and posted as an event once."""
     if obs.phase in TERMINAL_PHASES:
         await release_node_pool(ftj, settings)
     patch = status.status_patch(obs, ftj, trainer_job)
+    if not status.patch_changes(patch, raw.get("status")):
+        return
+    await kube.patch_status("FineTuneJob", ftj.metadata.namespace, ftj.metadata.name, patch)
+    metrics.STATUS_WRITES.inc()
     if ftj.status.phase != obs.phase:
         _observe_transition(raw, ftj, obs)
         event_type = "Warning" if obs.phase == "Failed" else "Normal"
         kopf.event(raw, type=event_type, reason=obs.reason, message=f"{obs.phase}: {obs.message}")
         log.info("FineTuneJob %s/%s: %s -> %s (%s)", ftj.metadata.namespace, ftj.metadata.name,
                  ftj.status.phase, obs.phase, obs.reason)
-    await kube.patch_status("FineTuneJob", ftj.metadata.namespace, ftj.metadata.name, patch)
 
 
 def _observe_transition(raw: dict, ftj: FineTuneJob, obs: status.Observation) -> None:
@@ -133,14 +185,11 @@ def _observe_transition(raw: dict, ftj: FineTuneJob, obs: status.Observation) ->
         metrics.JOB_SECONDS.labels(outcome=obs.phase).observe(age)
 
 
-_counted_failures: set[str] = set()
-
-
-def _count_retries(pods: list[dict]) -> None:
+def _count_retries(pods: list[dict], counted: set[str]) -> None:
     for pod in pods:
         uid = pod["metadata"].get("uid", "")
-        if pod.get("status", {}).get("phase") == "Failed" and uid not in _counted_failures:
-            _counted_failures.add(uid)
+        if pod.get("status", {}).get("phase") == "Failed" and uid not in counted:
+            counted.add(uid)
             metrics.RETRIES.labels(reason=failures.classify(pod).reason).inc()
 
 
@@ -181,7 +230,8 @@ async def _ensure_children(ftj: FineTuneJob, settings: OperatorSettings) -> dict
     return job
 
 
-async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) -> None:
+async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings, state: JobState) -> str:
+    """One pass for a live job; returns the phase it wrote."""
     ns = ftj.metadata.namespace
     job_name = naming.trainer_name(ftj)
     job = await kube.get("Job", ns, job_name)
@@ -189,15 +239,13 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
         try:
             job = await _ensure_children(ftj, settings)
         except (UnsupportedSource, ValidationError, ValueError) as exc:
-            await _fail(raw, ftj, "InvalidSpec", str(exc), settings)
-            return
+            return await _fail(raw, ftj, "InvalidSpec", str(exc), settings)
     if job["metadata"].get("ownerReferences", [{}])[0].get("uid") != ftj.metadata.uid:
-        await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else", settings)
-        return
+        return await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else", settings)
     if not status.job_finished(job):
         await _sync_job(ftj, job, provisioning.build_node_pool(ftj, settings), settings)
     pods = await kube.list_("Pod", ns, {"batch.kubernetes.io/controller-uid": job["metadata"]["uid"]})
-    _count_retries(pods)
+    _count_retries(pods, state.counted_failures)
     if ftj.spec.distributed.nodes > 1 and not status.job_finished(job):
         for pod in status.stale_gang_members(pods):
             log.info("restarting the attempt of %s/%s: deleting pod %s, whose peer failed", ns, ftj.metadata.name, pod)
@@ -206,9 +254,6 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
     if provisioning.provisioner_of(ftj, settings) == "karpenter":
         prov = status.Provisioning(await _karpenter_events(ftj, pods), settings.provisioning_timeout_seconds)
     obs = status.observe(ftj, job, pods, prov)
-    if obs.phase == "Failed" and not status.job_finished(job):
-        # The operator gave up (no capacity): stop the Job so no pod waits forever.
-        await kube.delete("Job", ns, job_name)
     if obs.phase == "Succeeded" and obs.result is not None:
         conflict = await _publish_model(ftj, obs)
         if conflict:
@@ -217,6 +262,10 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings) ->
         else:
             kopf.event(raw, type="Normal", reason="ModelPublished", message=f"published Model {ftj.model_name}")
     await _write_status(raw, ftj, obs, job_name, settings)
+    # After the status: a crash in between leaves a Failed job whose next pass stops the Job,
+    # not a live job without its trainer Job (which the next pass would create again).
+    await _stop_trainer(ftj, job, obs.phase)
+    return obs.phase
 
 
 async def _karpenter_events(ftj: FineTuneJob, pods: list[dict]) -> tuple[tuple[str, str], ...]:

@@ -1,15 +1,56 @@
-"""Operator-wide settings, read once from the environment (the Helm chart sets them)."""
+"""Operator-wide settings, read once from the environment (the Helm chart sets them).
+
+`main` builds them once at startup and hands them to the handlers through Kopf's memo. They are
+validated there, JSON-valued chart values included, as typed values: a bad chart value stops the
+operator with one line naming the variable (`load`), and never surfaces as a user's job failing.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FINETUNE_"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class NodeClassRef(_Wire):
+    """A Karpenter nodeClassRef."""
+
+    group: str = Field(min_length=1)
+    kind: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+
+
+class PoolRequirement(_Wire):
+    """One Karpenter NodePool requirement: a node selector requirement, plus minValues."""
+
+    key: str = Field(min_length=1)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[str] | None = None
+    min_values: int | None = Field(default=None, ge=1)
+
+
+# Where each JSON-valued setting comes from in the chart, for the startup error.
+CHART_VALUES = {
+    "karpenter_node_class": "karpenter.nodeClassRef",
+    "cpu_pool_requirements": "karpenter.cpuPoolRequirements",
+    "gpu_pool_requirements": "karpenter.gpuPoolRequirements",
+}
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINETUNE_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     trainer_image: str = Field(
         default="finetune-trainer:0.1.0",
@@ -34,21 +75,65 @@ class OperatorSettings(BaseSettings):
         "http://finetune-operator.finetune-system.svc:8082; empty disables live progress.",
     )
     progress_interval_seconds: float = Field(default=5.0, description="Shortest gap between two progress writes per job.")
-    karpenter_node_class: str = Field(
-        default="",
+    karpenter_node_class: Annotated[NodeClassRef | None, NoDecode] = Field(
+        default=None,
         description='Default Karpenter nodeClassRef as JSON, e.g. {"group":"karpenter.k8s.aws","kind":"EC2NodeClass","name":"default"}.',
     )
-    cpu_pool_requirements: str = Field(
-        default="", description="Extra NodePool requirements (JSON list) for CPU-only jobs, e.g. to pick CPU families."
+    cpu_pool_requirements: Annotated[tuple[PoolRequirement, ...], NoDecode] = Field(
+        default=(), description="Extra NodePool requirements (JSON list) for CPU-only jobs, e.g. to pick CPU families."
     )
-    gpu_pool_requirements: str = Field(default="", description="Extra NodePool requirements (JSON list) for GPU jobs.")
+    gpu_pool_requirements: Annotated[tuple[PoolRequirement, ...], NoDecode] = Field(
+        default=(), description="Extra NodePool requirements (JSON list) for GPU jobs."
+    )
     provisioning_timeout_seconds: float = Field(
-        default=900, description="Fail a job whose trainer pods are still unscheduled after this long."
+        default=900, gt=0, description="Fail a job whose trainer pods are still unscheduled after this long."
     )
     # How often every live FineTuneJob is reconciled even without events: the safety net that
     # makes missed watch events harmless.
-    resync_seconds: float = 30.0
+    resync_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("karpenter_node_class", "cpu_pool_requirements", "gpu_pool_requirements", mode="before")
+    @classmethod
+    def _json(cls, value: Any, info: ValidationInfo) -> Any:
+        """The chart passes these as JSON; empty means unset."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None if info.field_name == "karpenter_node_class" else ()
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+
+    @model_validator(mode="after")
+    def _default_pool_needs_a_node_class(self) -> "OperatorSettings":
+        if self.default_provisioner == "karpenter" and self.karpenter_node_class is None:
+            raise ValueError("the default provisioner is karpenter but no default node class is set "
+                             f"({ENV_PREFIX}KARPENTER_NODE_CLASS, chart value karpenter.nodeClassRef)")
+        return self
 
     @property
     def watched_namespaces(self) -> list[str]:
         return [n.strip() for n in self.namespaces.split(",") if n.strip()]
+
+
+def describe(error: ValidationError) -> str:
+    """A settings error as one line that names the environment variables (and chart values) at fault."""
+    problems = []
+    for item in error.errors():
+        field, *rest = item["loc"] or ("settings",)
+        where = f"{ENV_PREFIX}{str(field).upper()}" if field in OperatorSettings.model_fields else str(field)
+        where += "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in rest)
+        if field in CHART_VALUES:
+            where += f" (chart value {CHART_VALUES[field]})"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if field in OperatorSettings.model_fields else message)
+    return "invalid settings: " + "; ".join(problems)
+
+
+def load() -> OperatorSettings:
+    """The settings from the environment; raises SystemExit with one clear line if they are bad."""
+    try:
+        return OperatorSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"finetune-operator: {describe(exc)}") from None

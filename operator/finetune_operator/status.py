@@ -43,6 +43,22 @@ def job_finished(job: dict) -> bool:
     return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
 
 
+def must_stop_trainer(phase: str, job: dict | None, owner_uid: str) -> bool:
+    """Whether the operator must delete the trainer Job: the FineTuneJob failed while its own
+    trainer Job is still live.
+
+    The Job controller ends a trainer Job itself only for the failures it sees: backoffLimit,
+    activeDeadlineSeconds and the FailJob rules of its pod failure policy (failures.RULES); the
+    Job is finished then. Every other failure is the operator's decision (failures.fatal_problem:
+    out of memory, an image that cannot be pulled, a missing ConfigMap or Secret, bad input
+    reported only in a termination message; no instance type, a provisioning timeout): the Job
+    controller would retry those pods or leave them waiting forever. A Job that belongs to
+    something else (NameConflict) is never touched."""
+    if phase != "Failed" or job is None or job_finished(job) or job["metadata"].get("deletionTimestamp"):
+        return False
+    return any(ref.get("uid") == owner_uid for ref in job["metadata"].get("ownerReferences", []) or [])
+
+
 def _by_index(pods: list[dict]) -> list[dict]:
     def index(pod: dict) -> int:
         value = pod.get("metadata", {}).get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "0")
@@ -220,3 +236,40 @@ def status_patch(obs: Observation, ftj: FineTuneJob, trainer_job: str | None, no
         if m:
             patch["progress"] = {"step": m.steps, "totalSteps": m.steps, "percent": 100, "loss": m.train_loss, "eta": "0s"}
     return patch
+
+
+def _normal_conditions(conditions: Any) -> Any:
+    """Conditions as status_patch writes them, so equal ones compare equal whatever their spelling."""
+    try:
+        return [Condition.model_validate(c).model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions]
+    except (TypeError, ValueError):
+        return conditions
+
+
+def _changes(patch: Any, current: Any) -> bool:
+    """Whether applying `patch` as a JSON merge patch (RFC 7386) to `current` changes it."""
+    if not isinstance(patch, dict):
+        return patch != current
+    current = current if isinstance(current, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            if current.get(key) is not None:
+                return True
+        elif isinstance(value, dict):
+            if not isinstance(current.get(key), dict) or _changes(value, current[key]):
+                return True
+        elif value != current.get(key):
+            return True
+    return False
+
+
+def patch_changes(patch: dict[str, Any], current: dict[str, Any] | None) -> bool:
+    """Whether the status patch would change the status there is: reconcile writes only then.
+
+    Every field the patch carries counts (phase, each condition with its reason, message,
+    lastTransitionTime and observedGeneration, the times, the model, progress); fields the patch
+    does not carry are someone else's (progress, between two writes) and are left out."""
+    current = dict(current or {})
+    if isinstance(current.get("conditions"), list):
+        current["conditions"] = _normal_conditions(current["conditions"])
+    return _changes(patch, current)

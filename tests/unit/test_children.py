@@ -2,7 +2,7 @@ import pytest
 import yaml
 from factories import make_job
 
-from finetune_operator import children
+from finetune_operator import children, failures
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.sources import UnsupportedSource
 
@@ -88,9 +88,11 @@ def test_multi_node_job_is_indexed_with_rendezvous_on_rank_zero():
 
 
 def test_user_errors_fail_the_job_without_retries():
-    rules = children.build_job(make_job(), SETTINGS)["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
-    assert rules[1]["action"] == "Ignore"
+    policy = children.build_job(make_job(), SETTINGS)["spec"]["podFailurePolicy"]
+    assert policy == failures.pod_failure_policy(children.TRAINER_CONTAINER)  # rendered from the one table
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}} in policy["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in policy["rules"]
+    assert children.TRAINER_CONTAINER == failures.TRAINER  # the container the rules read is the one the Job runs
 
 
 def test_volumes_one_per_claim_and_output_is_writable():
