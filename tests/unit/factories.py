@@ -20,3 +20,10 @@ def make_job(**spec) -> FineTuneJob:
     raw = copy.deepcopy(BASE)
     raw["spec"].update(spec)
     return FineTuneJob.model_validate(raw)
+
+
+def with_status(job: FineTuneJob, status: dict) -> tuple[dict, FineTuneJob]:
+    """The job as the API server would return it with this status: (raw, typed)."""
+    raw = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    raw["status"] = copy.deepcopy(status)
+    return raw, FineTuneJob.model_validate(raw)

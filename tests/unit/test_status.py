@@ -1,7 +1,7 @@
 import json
 from datetime import datetime, timezone
 
-from factories import make_job
+from factories import make_job, with_status
 
 from finetune_operator import status
 
@@ -116,3 +116,58 @@ def test_start_time_is_when_the_trainer_first_ran():
     assert status.status_patch(running, ftj, "demo-trainer", t0)["startTime"] == "2026-01-01T00:00:00Z"
     ftj.status.start_time = t0
     assert "startTime" not in status.status_patch(running, ftj, "demo-trainer", t0)  # kept across retries
+
+
+# --- the status is written only when it changes ----------------------------------------------------
+
+T0, T1 = datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, 0, 5, tzinfo=timezone.utc)
+RUNNING = status.Observation("Running", "TrainerRunning", "1 trainer pod(s) running", running=True,
+                             start_time="2026-01-01T00:00:00Z")
+
+
+def test_a_second_pass_over_an_unchanged_job_patches_nothing():
+    first = status.status_patch(RUNNING, make_job(), "demo-trainer", T0)
+    raw, ftj = with_status(make_job(), first)
+    assert not status.patch_changes(status.status_patch(RUNNING, ftj, "demo-trainer", T1), raw["status"])
+    done = status.observe(make_job(), job([("Complete", {})], completionTime="2026-01-01T01:00:00Z"),
+                          [pod("Succeeded", exit_code=0, message=json.dumps(RESULT))])
+    raw, ftj = with_status(make_job(), status.status_patch(done, ftj, "demo-trainer", T0))
+    assert not status.patch_changes(status.status_patch(done, ftj, "demo-trainer", T1), raw["status"])
+
+
+def test_any_change_the_patch_carries_is_a_change():
+    current = status.status_patch(RUNNING, make_job(), "demo-trainer", T0)
+    _, ftj = with_status(make_job(), current)
+    for obs in (status.Observation("Running", "TrainerRunning", "2 trainer pod(s) running", running=True),  # a message
+                status.Observation("Running", "OtherReason", RUNNING.message, running=True),  # a reason
+                status.Observation("Pending", "WaitingForPods", "m"),  # the phase, and transitions
+                status.Observation("Running", "TrainerRunning", RUNNING.message, running=True,
+                                   completion_time="2026-01-01T01:00:00Z")):  # a time
+        assert status.patch_changes(status.status_patch(obs, ftj, "demo-trainer", T1), current), obs
+    assert status.patch_changes({**current, "observedGeneration": 3}, current)
+    assert status.patch_changes({**current, "trainerJob": None}, current)  # merge patch: null deletes
+    assert not status.patch_changes({**current, "model": None}, current)  # deleting what is not there
+
+
+def test_fields_the_patch_does_not_carry_and_spelling_do_not_count():
+    current = status.status_patch(RUNNING, make_job(), "demo-trainer", T0)
+    patch = json.loads(json.dumps(current))
+    current["progress"] = {"step": 3, "totalSteps": 10}  # live progress, written by progress.py
+    for cond in current["conditions"]:
+        cond["lastTransitionTime"] = cond["lastTransitionTime"].replace("Z", "+00:00")
+    assert not status.patch_changes(patch, current)
+    assert status.patch_changes({**patch, "progress": {"step": 4}}, current)
+    assert not status.patch_changes({**patch, "progress": {"step": 3}}, current)
+    assert status.patch_changes(patch, None)
+
+
+def test_the_trainer_job_is_stopped_only_for_a_failure_the_operator_decided():
+    mine = {"metadata": {"name": "demo-trainer", "ownerReferences": [{"uid": "uid-1"}]}, "status": {}}
+    assert status.must_stop_trainer("Failed", mine, "uid-1")
+    assert not status.must_stop_trainer("Running", mine, "uid-1")
+    assert not status.must_stop_trainer("Failed", None, "uid-1")
+    assert not status.must_stop_trainer("Failed", mine, "uid-2")  # NameConflict: someone else's Job
+    finished = {**mine, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    assert not status.must_stop_trainer("Failed", finished, "uid-1")  # the Job controller ended it
+    deleting = {"metadata": {**mine["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {}}
+    assert not status.must_stop_trainer("Failed", deleting, "uid-1")
