@@ -152,10 +152,29 @@ def mark_trainer_stages() -> None:
 # ---------------------------------------------------------------- ours
 
 
+def run_plan_overrides(variant: dict):
+    """The variant's runtime choices, which the trainer would otherwise make itself, as overrides
+    of its run plan (the plan it returns, and writes to result.json, says what ran)."""
+    from finetune_trainer.run_plan import RunPlanOverrides
+
+    deepspeed: dict = {}
+    if variant["foreach"]:
+        deepspeed["optimizer"] = {"params": {"fused": None}}  # torch AdamW's default: foreach
+    if variant["overflowcheck"]:
+        deepspeed["bf16"] = {"check_grad_overflow": None}  # DeepSpeed's default: on
+    return RunPlanOverrides(
+        # The trainer's attention before the varlen kernel: padded packed rows through SDPA
+        # (model_loading turns cuDNN SDPA off for it, as the trainer then did).
+        attention="sdpa" if variant["sdpa"] else None,
+        compile=variant["compile"],
+        fused_loss=False if variant["noflce"] else None,
+        deepspeed=deepspeed or None,
+    )
+
+
 def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
     import torch
 
-    from finetune_trainer import attention, compiling, fused_loss
     from finetune_trainer import engine as engines
     from finetune_trainer import reporting, train
     from finetune_trainer.config import JobConfig
@@ -169,38 +188,14 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
         log("liger kernels applied")
-    if variant["noflce"]:
-        fused_loss.wanted = lambda device, zero_stage: False
-    fused = {"applied": False}
-    original_fuse = fused_loss.apply
-
-    def fuse(model):
-        fused["applied"] = original_fuse(model)
-        return fused["applied"]
-
-    fused_loss.apply = fuse
     if variant["memory_cap_gib"] is not None:
         gpu = int(os.environ.get("LOCAL_RANK", "0"))  # under torchrun, this process's own GPU
         total = torch.cuda.get_device_properties(gpu).total_memory
         torch.cuda.set_per_process_memory_fraction(variant["memory_cap_gib"] * GiB / total, gpu)
         log(f"memory capped at {variant['memory_cap_gib']} GiB of {total / GiB:.1f}")
-    if variant["foreach"] or variant["overflowcheck"]:
-        original_config = engines.deepspeed_config
-
-        def overridden_config(*args, **kwargs):
-            ds_config = original_config(*args, **kwargs)
-            if variant["foreach"]:
-                ds_config["optimizer"]["params"].pop("fused", None)
-            if variant["overflowcheck"]:
-                ds_config["bf16"].pop("check_grad_overflow", None)  # DeepSpeed's default: on
-            return ds_config
-
-        engines.deepspeed_config = overridden_config
     if case.profile:
         mark_trainer_stages()
-    if variant["sdpa"]:
-        # The trainer's attention before the varlen kernel: padded packed rows through SDPA.
-        attention.choose = lambda device: "sdpa"
+    overrides = run_plan_overrides(variant)
     mb = variant["micro_batch"]
     rows_per_step = mb * variant["accumulation"]
     probe = sequence_lengths(case.data, 2000, case.seq_len)
@@ -225,9 +220,8 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
         "maxSeqLength": case.seq_len,
         "packing": True,
     }
-    for key, name in (("gradient_checkpointing", "gradientCheckpointing"), ("compile", "compile")):
-        if variant[key] is not None:
-            training[name] = variant[key]
+    if variant["gradient_checkpointing"] is not None:
+        training["gradientCheckpointing"] = variant["gradient_checkpointing"]
     distributed = dict(case.extra.get("distributed", {}))
     if variant["zero_stage"] is not None:
         distributed["zeroStage"] = variant["zero_stage"]
@@ -246,12 +240,10 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
     })
     steps: list[dict] = []
     peak = {}
-    started = {}
     profiler = StepProfiler(case.warmup + case.measure, trace_path) if case.profile else None
     measured_end = case.warmup + case.measure
 
     original_step = reporting.Reporter.step
-    original_started = reporting.Reporter.started
 
     def step(self, **kw):
         steps.append({"seconds": kw["step_seconds"], "tokens": kw["tokens"], "loss": kw["loss"]})
@@ -263,10 +255,6 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
         if profiler:
             profiler.on_step_end(len(steps))
         return result
-
-    def on_started(self, *args, **kw):
-        started.update(kw)
-        return original_started(self, *args, **kw)
 
     original_build = engines.build_engine
 
@@ -280,20 +268,19 @@ def run_ours(case: Case, work: Path, trace_path: Path | None) -> dict:
         return engine
 
     reporting.Reporter.step = step
-    reporting.Reporter.started = on_started
     engines.build_engine = build_engine
-    train.run(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = train.run(config, overrides)
     return {
         "steps": steps, "lengths": lengths, "peak": peak, "zeroStage": config.distributed.zero_stage,
         "offload": config.distributed.offload,
         "microBatch": mb, "gpus": case.gpus,
         "gradientCheckpointing": {True: "all", False: "none", None: "auto"}[config.training.gradient_checkpointing],
-        "checkpointedLayers": started.get("checkpointedLayers"),
+        "checkpointedLayers": plan.checkpointed_layers,
         "loraDropout": config.method.lora.dropout,
-        "compile": compiling.wanted(config.training.compile, config.method.type, config.distributed.zero_stage, device),
-        "attention": attention.choose(device),
-        "fusedLoss": fused["applied"],
+        "compile": plan.compile,
+        "attention": plan.attention,
+        "fusedLoss": plan.fused_loss,
+        "runPlan": plan.model_dump(by_alias=True, mode="json"),
         "memoryCapGiB": variant["memory_cap_gib"],
         "profile": profiler.summary if profiler else None,
     }
@@ -460,6 +447,7 @@ def summarise(case: Case, raw: dict) -> dict:
         "attention": raw["attention"],
         "fusedLoss": raw.get("fusedLoss", False),
         **({"memoryCapGiB": raw["memoryCapGiB"]} if raw.get("memoryCapGiB") else {}),
+        **({"runPlan": raw["runPlan"]} if raw.get("runPlan") else {}),  # ours: the trainer's whole plan
         "stepTimeMedianS": round(statistics.median(s["seconds"] for s in measured), 4),
         "realTokensPerStepMean": round(tokens / len(measured), 1),
         "measuredSteps": len(measured),

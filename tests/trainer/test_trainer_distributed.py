@@ -56,6 +56,9 @@ def test_two_processes_match_one_process(single_process, stage):
     trained_b = [t for n, t in adapter.items() if "lora_B" in n]
     assert all(t.abs().sum() > 0 for t in trained_b)  # lora_B starts at zero; it has trained
     assert result["metrics"]["evalLoss"] == pytest.approx(single_result["metrics"]["evalLoss"], rel=1e-4)
+    # The step loss is a mean over the whole step's target tokens, whichever process holds them.
+    assert result["metrics"]["trainLoss"] == pytest.approx(single_result["metrics"]["trainLoss"], rel=1e-4)
+    assert result["runPlan"]["worldSize"] == 2 and result["runPlan"]["accumulationSteps"] == 2
     adapter_config = json.loads((tmp_path / f"zero{stage}" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 8 and adapter_config["peft_type"] == "LORA"
 
