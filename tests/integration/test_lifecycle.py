@@ -4,6 +4,7 @@ operator's metrics."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -75,3 +76,21 @@ def test_operator_metrics(kubectl, operator):
     assert "finetune_job_start_latency_seconds_count 1.0" in text
     assert 'finetune_job_duration_seconds_count{outcome="Succeeded"} 1.0' in text
     assert "finetune_reconcile_duration_seconds_count" in text and "finetune_reconcile_errors_total" in text
+
+
+def _metric(operator, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_resyncs_of_an_unchanged_job_write_no_status(kubectl, operator):
+    kubectl.create(job_manifest())
+    running_pod(kubectl)
+    wait_phase(kubectl, "Running")
+    time.sleep(2)  # let the writes of the start settle
+    writes, passes = _metric(operator, "finetune_status_writes_total"), _metric(operator, "finetune_reconcile_duration_seconds_count")
+    time.sleep(10)  # three resyncs (FINETUNE_RESYNC_SECONDS=3), nothing changes
+    assert _metric(operator, "finetune_reconcile_duration_seconds_count") >= passes + 3
+    assert _metric(operator, "finetune_status_writes_total") == writes
+    assert sum(1 for e in kubectl.items("events") if e["involvedObject"]["name"] == "demo"
+               and e["reason"] == "TrainerRunning") == 1
