@@ -57,9 +57,9 @@ def test_result_json_has_the_plan_that_ran_and_the_log_has_it_once(tmp_path, cha
 
 
 def test_an_override_changes_the_plan_and_the_run(tmp_path, chat_dataset):
-    def probe(name: str, overrides: dict) -> dict:
+    def probe(name: str, overrides: dict, gradient_checkpointing: bool | None) -> dict:
         config = make_config(tmp_path, chat_dataset, **{
-            "training.maxSteps": 1, "training.gradientCheckpointing": None,
+            "training.maxSteps": 1, "training.gradientCheckpointing": gradient_checkpointing,
             "output.dir": str(tmp_path / name), "reporting.progressFile": str(tmp_path / f"{name}.jsonl"),
         })
         seen = run_probe("run", str(write_config(tmp_path, config, f"{name}.json")), json.dumps(overrides))
@@ -67,10 +67,11 @@ def test_an_override_changes_the_plan_and_the_run(tmp_path, chat_dataset):
         assert seen["plan"] == result["runPlan"]
         return seen
 
-    default = probe("default", {})
+    default = probe("default", {}, gradient_checkpointing=None)
+    # The override wins over the job's gradientCheckpointing: false too.
     overridden = probe("overridden", {
         "attention": "finetune_varlen", "checkpointedLayers": 1, "deepspeed": {"gradient_clipping": 0.25},
-    })
+    }, gradient_checkpointing=False)
     # Unset on CPU, the trainer checkpoints nothing and pads rows for SDPA.
     assert default["plan"]["checkpointedLayers"] == 0 and default["plan"]["attention"] == "sdpa"
     assert default["built"] == {"attention": "sdpa", "checkpointed": [False, False], "flatten": False,

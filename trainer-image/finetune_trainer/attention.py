@@ -43,7 +43,7 @@ def register() -> None:
 
 def choose(device: torch.device) -> str:
     """The fastest attention this node has (module docstring). Deciding only: a caller that
-    loads a model with PACKED_ATTENTION registers it first (planning.choose_kernels does)."""
+    loads a model with PACKED_ATTENTION registers it first (planning.choose_model does)."""
     if device.type == "cuda":
         try:
             import flash_attn  # noqa: F401

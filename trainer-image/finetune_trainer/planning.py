@@ -2,9 +2,10 @@
 
 The choices come in two groups because one of them is measured on the model the others build:
 
-  choose_kernels  before the model loads: the attention kernel (a load argument), the fused
-                  loss (patched into the bare model) and torch.compile (applied to its layers);
-  plan_run        once the model is built with those kernels: how many layers are checkpointed
+  choose_model    before the model loads: the attention kernel (a load argument), the fused
+                  loss (patched into the bare model), whether its layers can checkpoint at all
+                  (set when PEFT wraps it) and torch.compile (applied to its layers);
+  plan_run        once the model is built so: how many layers are checkpointed
                   (activation_memory measures it on that model), the DeepSpeed config, and the
                   facts the rest of the run reads (precision, world size, accumulation).
 
@@ -31,32 +32,38 @@ from finetune_trainer.run_plan import RunPlan, RunPlanOverrides
 
 
 @dataclass(frozen=True)
-class Kernels:
+class ModelChoices:
     """What the model is built with; plan_run copies it into the RunPlan."""
 
     attention: str
     fused_loss: bool
     compile: bool
+    checkpointing: bool  # any layer may checkpoint; plan_run decides how many do
 
 
-def choose_kernels(config: JobConfig, device: torch.device, overrides: RunPlanOverrides) -> Kernels:
+def choose_model(config: JobConfig, device: torch.device, overrides: RunPlanOverrides) -> ModelChoices:
     zero_stage = config.distributed.zero_stage
-    chosen = Kernels(
+    if overrides.checkpointed_layers is not None:
+        checkpointing = overrides.checkpointed_layers > 0
+    else:
+        checkpointing = config.training.gradient_checkpointing is not False  # None: as memory needs
+    chosen = ModelChoices(
         attention=overrides.attention or attention.choose(device),
         fused_loss=_given(overrides.fused_loss, lambda: fused_loss.wanted(device, zero_stage)),
         compile=_given(
             overrides.compile,
             lambda: compiling.wanted(config.training.compile, config.method.type, zero_stage, device),
         ),
+        checkpointing=checkpointing,
     )
     if chosen.attention == attention.PACKED_ATTENTION:
         attention.register()  # transformers must know the name before the model loads
     return chosen
 
 
-def plan_run(config: JobConfig, dist: Distributed, steps: StepPlan, kernels: Kernels, model, collate,
+def plan_run(config: JobConfig, dist: Distributed, steps: StepPlan, built: ModelChoices, model, collate,
              rows_tokens: list[int], overrides: RunPlanOverrides) -> RunPlan:
-    """The whole plan, for a model already built with `kernels` (and compiled, if it is: compiled
+    """The whole plan, for a model already built as `built` says (and compiled, if it is: compiled
     layers keep fewer activations, which the checkpointing probe must see). Nothing is applied
     here; train.py applies the checkpointed-layer count."""
     layers = len(activation_memory.checkpointable_layers(model))
@@ -70,9 +77,9 @@ def plan_run(config: JobConfig, dist: Distributed, steps: StepPlan, kernels: Ker
         device=dist.device.type,
         world_size=dist.world_size,
         precision="bf16" if training_dtype(dist.device) == torch.bfloat16 else "fp32",
-        attention=kernels.attention,
-        compile=kernels.compile,
-        fused_loss=kernels.fused_loss,
+        attention=built.attention,
+        compile=built.compile,
+        fused_loss=built.fused_loss,
         checkpointed_layers=checkpointed,
         layers=layers,
         zero_stage=config.distributed.zero_stage,

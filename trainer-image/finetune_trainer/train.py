@@ -3,9 +3,9 @@
   1. read and validate the dataset (fails fast, before any model is loaded)
   2. join the process group (torchrun env, or a group of one)
   3. load the base model's tokenizer; tokenize, split, pack
-  4. plan the run (planning.py): choose the kernels, build the model with them (attention, fused
-     LM head + loss, the method's wrapper: LoRA / QLoRA / DoRA / full, torch.compile), then the
-     rest of the plan (checkpointed layers, DeepSpeed config); log it once
+  4. plan the run (planning.py): choose how the model is built (attention, fused LM head + loss,
+     checkpointing, torch.compile), build it (with the method's wrapper: LoRA / QLoRA / DoRA /
+     full), then the rest of the plan (checkpointed layers, DeepSpeed config); log it once
   5. build the DeepSpeed engine (ZeRO 0-3, offload) from the plan's config
   6. resume from the latest complete checkpoint, if any
   7. train: optimizer steps, progress, checkpoints, SIGTERM -> checkpoint and exit 143
@@ -121,25 +121,23 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         )
 
         # 4. The run plan and the model it describes. The job seed fixes adapter init and dropout.
-        kernels = planning.choose_kernels(config, dist.device, overrides)
+        built = planning.choose_model(config, dist.device, overrides)
         transformers.set_seed(training.seed)
-        model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device, kernels.attention)
+        model = model_loading.load_model(config.base_model, model_dir, config.method, dist.device, built.attention)
         model.name_or_path = config.base_model.source  # PEFT records it in adapter_config.json
         # Before PEFT wraps the model, and before the memory probe. Liger does not cover every
         # architecture; the plan records what ran.
-        if kernels.fused_loss and not fused_loss.apply(model):
-            kernels = dataclasses.replace(kernels, fused_loss=False)
-        model = adapters.prepare_for_training(
-            model, config.method, enable_checkpointing=training.gradient_checkpointing is not False
-        )
+        if built.fused_loss and not fused_loss.apply(model):
+            built = dataclasses.replace(built, fused_loss=False)
+        model = adapters.prepare_for_training(model, config.method, enable_checkpointing=built.checkpointing)
         engines.cast_like_engine(model, dist.device)
-        if kernels.compile:
+        if built.compile:
             compiling.compile_decoder_layers(model)
-        collate = batching.Collator(tokenizer, training.packing, flatten=attention.flattens(kernels.attention))
+        collate = batching.Collator(tokenizer, training.packing, flatten=attention.flattens(built.attention))
         # After compiling (compiled layers keep fewer activations), before the engine (the
         # memory probe runs plain forward/backward passes).
         plan = planning.plan_run(
-            config, dist, steps, kernels, model, collate, [batching.count_tokens([row]) for row in train_rows], overrides
+            config, dist, steps, built, model, collate, [batching.count_tokens([row]) for row in train_rows], overrides
         )
         activation_memory.set_checkpointed_layers(model, plan.checkpointed_layers)
         log.info("run plan: %s", plan.model_dump_json(by_alias=True))
