@@ -143,6 +143,9 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         # The Model the operator published is the model.yaml the trainer wrote (one renderer).
         manifest = yaml.safe_load((models_dir / "quickstart" / "model.yaml").read_text())
         assert manifest["spec"] == model["spec"] and manifest["status"]["metrics"] == model["status"]["metrics"]
+        # How it ran, on the Model: a CPU run, no compile, no fused loss, nothing recomputed.
+        plan = model["spec"]["runPlan"]
+        assert (plan["device"], plan["compile"], plan["fusedLoss"], plan["checkpointedLayers"]) == ("cpu", False, False, 0)
         metrics = json.loads((models_dir / "quickstart" / "result.json").read_text())["metrics"]
         assert metrics["evalLoss"] < metrics["initialEvalLoss"]
         # The trainer ran from the trainer image on the real node, as build_job's non-root user
