@@ -1,7 +1,8 @@
 """Entry point: `finetune-operator` (or `python -m finetune_operator`).
 
-Serves health and Prometheus metrics, waits to become leader, then runs Kopf with the handlers
-in `handlers`. Exits non-zero if leadership is lost, so the pod restarts as a
+Reads and validates the settings once (a bad value exits at once, with one line naming it),
+serves health and Prometheus metrics, waits to become leader, then runs Kopf with the handlers
+in `handlers`, the settings and the per-job state in its memo. Exits non-zero if leadership is lost, so the pod restarts as a
 candidate instead of acting alongside the new leader.
 """
 
