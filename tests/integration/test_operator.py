@@ -146,6 +146,16 @@ def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
     assert len(kubectl.items("pods", "finetune.ai/job=demo")) == 1  # no retry
 
 
+def test_bad_input_under_torchrun_is_the_operators_to_end(kubectl, operator):
+    """torchrun exits 1 whatever the trainer exited with, so the Job's pod failure policy cannot see
+    the user error: the operator reads it from the termination message and stops the Job."""
+    kubectl.create(job_manifest(backoffLimit=5))
+    finish_pod(kubectl, running_pod(kubectl), 1, json.dumps({"error": "dataset line 3: not valid JSON", "exitCode": 2}))
+    failed = condition(wait_phase(kubectl, "Failed"), "Failed")
+    assert failed["reason"] == "InvalidInput" and "line 3: not valid JSON" in failed["message"]
+    wait_for(lambda: kubectl.get("job", "demo-trainer") is None, 30, what="the trainer Job to be deleted, not retried")
+
+
 def test_retryable_failure_is_retried_then_succeeds(kubectl, operator):
     kubectl.create(job_manifest(backoffLimit=2))
     first = running_pod(kubectl)
