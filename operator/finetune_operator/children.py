@@ -4,14 +4,15 @@ gives rank 0 a stable DNS name for torchrun's rendezvous."""
 
 from __future__ import annotations
 
+import finetune_trainer.cli as trainer_cli  # torch-free at import: only its module name is used
 import yaml
 
 from . import failures, naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
+from .naming import TRAINER_CONTAINER
 from .progress import AUDIENCE as PROGRESS_AUDIENCE
 from .settings import OperatorSettings
 
-TRAINER_CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
 
 
@@ -70,7 +71,7 @@ def trainer_command(job: FineTuneJob) -> list[str]:
         ]
     else:
         command += ["--standalone"]
-    return command + ["-m", "finetune_trainer.cli", "--config", config]
+    return command + ["-m", trainer_cli.__name__, "--config", config]
 
 
 def _resources(job: FineTuneJob) -> dict:

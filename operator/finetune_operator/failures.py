@@ -25,8 +25,8 @@ from typing import Literal
 from finetune_trainer.protocol import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 from .kubetime import parse_time
+from .naming import TRAINER_CONTAINER
 
-TRAINER = "trainer"  # the trainer container's name
 
 # How long an image pull or container config error may persist before the job fails: long
 # enough to ride out a registry hiccup, short enough not to hold nodes for nothing.
@@ -126,7 +126,7 @@ class Failure:
     retryable: bool
 
 
-def pod_failure_policy(container: str = TRAINER, rules: tuple[Rule, ...] = RULES) -> dict:
+def pod_failure_policy(container: str = TRAINER_CONTAINER, rules: tuple[Rule, ...] = RULES) -> dict:
     """The trainer Job's podFailurePolicy: the rules the Job controller acts on, in table order."""
     rendered: list[dict] = []
     for rule in rules:
@@ -139,14 +139,14 @@ def pod_failure_policy(container: str = TRAINER, rules: tuple[Rule, ...] = RULES
 def terminated(pod: dict) -> dict | None:
     """The trainer container's terminated state (current, or the last one)."""
     for status in pod.get("status", {}).get("containerStatuses", []) or []:
-        if status.get("name") == TRAINER:
+        if status.get("name") == TRAINER_CONTAINER:
             return status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
     return None
 
 
 def _waiting(pod: dict) -> dict | None:
     for status in pod.get("status", {}).get("containerStatuses", []) or []:
-        if status.get("name") == TRAINER:
+        if status.get("name") == TRAINER_CONTAINER:
             return status.get("state", {}).get("waiting")
     return None
 

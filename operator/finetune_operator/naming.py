@@ -7,6 +7,7 @@ from .api import FineTuneJob
 MANAGED_BY = "finetune-operator"
 JOB_LABEL = "finetune.ai/job"  # value: the FineTuneJob's name; selects every child
 COMPONENT_LABEL = "app.kubernetes.io/component"
+TRAINER_CONTAINER = "trainer"  # the container in every trainer pod
 
 
 def trainer_job_name(job_name: str) -> str:

@@ -22,7 +22,8 @@ def test_config_map_carries_the_rendered_trainer_config():
     assert config["output"]["dir"] == "/mnt/pvc/models/demo"
     assert config["baseModel"]["source"] == "preset://tiny-llama"
     assert config["reporting"]["terminationMessagePath"] == "/dev/termination-log"
-    assert config["modelManifest"]["spec"]["sourceJob"] == {"name": "demo", "uid": "uid-1"}
+    assert config["publish"]["sourceJob"] == {"name": "demo", "uid": "uid-1"}
+    assert config["publish"]["uri"] == "pvc://models/demo"  # the user's URI, not the pod's path
     assert config["training"]["globalBatchSize"] == 32
 
 
@@ -92,7 +93,6 @@ def test_user_errors_fail_the_job_without_retries():
     assert policy == failures.pod_failure_policy(children.TRAINER_CONTAINER)  # rendered from the one table
     assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}} in policy["rules"]
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in policy["rules"]
-    assert children.TRAINER_CONTAINER == failures.TRAINER  # the container the rules read is the one the Job runs
 
 
 def test_volumes_one_per_claim_and_output_is_writable():

@@ -16,7 +16,7 @@ import urllib.request
 from typing import Any
 
 from finetune_trainer.config import ReportingConfig
-from finetune_trainer.protocol import PROGRESS_PREFIX, format_duration
+from finetune_trainer.protocol import PROGRESS_EVENT, PROGRESS_PREFIX, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class Reporter:
             if gpu_memory is not None:
                 m.gpu_memory.set(gpu_memory)
         record = {
-            "event": "progress",
+            "event": PROGRESS_EVENT,
             "step": step,
             "totalSteps": total_steps,
             "percent": round(100.0 * step / total_steps, 2),
