@@ -42,7 +42,7 @@ def load_job(path: str) -> FineTuneJob:
         return FineTuneJob.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise CliError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        raise CliError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def parse_volumes(pairs: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from factories import make_job
 
 import finetune_trainer.cli as trainer_cli
@@ -202,3 +203,18 @@ def test_the_retyping_check_catches_a_copy(tmp_path):
 
 def test_the_old_plugin_module_is_gone():
     assert not (Path(naming.__file__).parent / "plugin.py").exists()
+
+
+def test_a_local_run_rejects_what_the_api_server_rejects(tmp_path):
+    """No API server checks a local run's manifest: the spec's rules, in Python, do."""
+    from kubectl_finetune import CliError, local
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "q"},
+        "spec": {"baseModel": {"source": "preset://tiny-llama"}, "dataset": {"source": "pvc://data/x.jsonl"},
+                 "method": {"type": "qlora"}, "resources": {"accelerator": "none"},
+                 "output": {"destination": "pvc://models/q"}},
+    }))
+    with pytest.raises(CliError, match=r"^.*job.yaml: spec: method.type qlora needs a GPU"):
+        local.load_job(str(manifest))
