@@ -13,11 +13,10 @@ imports neither Kopf nor torch.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from finetune_trainer.config import (
     PRESET_NAMES,
-    SHA256_HEX,
     BaseModelOptions,
     CheckpointingOptions,
     ContractModel,
@@ -28,11 +27,13 @@ from finetune_trainer.config import (
     TrainingConfig,
     immutable,
 )
-from finetune_trainer.model_manifest import API_VERSION, GROUP, VERSION, ModelMetrics, ModelSpec
+# The group and version are the Model manifest's too (the trainer writes model.yaml); re-exported here.
+from finetune_trainer.model_manifest import API_VERSION, ModelMetrics, ModelSpec
+from finetune_trainer.model_manifest import GROUP as GROUP
+from finetune_trainer.model_manifest import VERSION as VERSION
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-__all__ = ["API_VERSION", "GROUP", "VERSION", "SHA256_HEX", "ModelSpec", "ModelMetrics", "MethodConfig", "TrainingConfig"]
 
 # Longest FineTuneJob name: children are named "<job>-trainer" etc. and Job names end up in
 # pod labels (63 characters), so leave room for the suffixes the operator adds.
