@@ -15,10 +15,15 @@ from pathlib import Path
 import finetune_trainer.cli as trainer_cli
 import yaml
 from finetune_operator.api import FineTuneJob
-from finetune_operator.result import InvalidResult, parse_result
 from finetune_operator.sources import UnsupportedSource
 from finetune_operator.trainer_config import render
-from finetune_trainer.protocol import MODEL_MANIFEST_FILE, PROGRESS_EVENT, RESULT_FILE, USER_ERROR_PREFIX
+from finetune_trainer.protocol import (
+    MODEL_MANIFEST_FILE,
+    PROGRESS_EVENT,
+    RESULT_FILE,
+    USER_ERROR_PREFIX,
+)
+from finetune_trainer.result import InvalidResult, parse_result
 from pydantic import ValidationError
 
 from . import CliError

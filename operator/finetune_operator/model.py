@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 
 from finetune_trainer.config import DatasetRef, ModelBaseRef, PublishConfig, SourceJobRef
 from finetune_trainer.model_manifest import model_metrics, render_model
+from finetune_trainer.result import TrainerResult
 
 from . import naming
 from .api import Condition, FineTuneJob, ModelStatus
-from .result import TrainerResult
 
 
 def publish_config(job: FineTuneJob) -> PublishConfig:

@@ -6,14 +6,15 @@ from any event, after any restart, as often as it likes (level-triggered, never 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
+
+from finetune_trainer.result import InvalidResult, TrainerResult, parse_result
 
 from . import failures
 from .api import Condition, FineTuneJob, Phase
 from .kubetime import format_time, parse_time
-from .result import InvalidResult, TrainerResult, parse_result
 
 CONDITION_TYPES = ("Ready", "Provisioned", "Running", "Succeeded", "Failed")
 
@@ -29,7 +30,6 @@ class Observation:
     result: TrainerResult | None = None
     start_time: str | None = None
     completion_time: str | None = None
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
 
 
 def _job_condition(job: dict, kind: str) -> dict | None:

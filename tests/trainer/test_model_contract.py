@@ -8,13 +8,18 @@ import hashlib
 
 import pytest
 import yaml
-from trainer_helpers import arithmetic_chat, assert_ok, run_trainer, write_config, write_jsonl
-
 from finetune_operator.api import FineTuneJob
 from finetune_operator.model import build_model, model_status
-from finetune_operator.result import parse_result
 from finetune_operator.trainer_config import render
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE
+from finetune_trainer.result import parse_result
+from trainer_helpers import (
+    arithmetic_chat,
+    assert_ok,
+    run_trainer,
+    write_config,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from finetune_operator.model import build_model, model_status, publish_config, s
 from finetune_operator.trainer_config import render
 from finetune_trainer.config import parse_config
 from finetune_trainer.model_manifest import render_model
-from finetune_operator.result import parse_result
+from finetune_trainer.result import parse_result
 
 RESULT = parse_result(json.dumps({
     "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10}, "tokenizer.json": {"sha256": "b" * 64, "size": 5}},

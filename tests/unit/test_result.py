@@ -1,10 +1,8 @@
 import json
 
 import pytest
-
-from finetune_operator.result import InvalidResult, parse_result
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, TERMINATION_MESSAGE_LIMIT
-from finetune_trainer.result import termination_message
+from finetune_trainer.result import InvalidResult, parse_result, termination_message
 
 GOOD = {
     "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10}, "adapter_config.json": {"sha256": "b" * 64, "size": 2}},
