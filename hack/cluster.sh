@@ -195,6 +195,7 @@ up() {
   controllers+=,root-ca-certificate-publisher-controller,replicaset-controller,deployment-controller
   controllers+=,node-lifecycle-controller,endpointslice-controller,persistentvolume-binder-controller
   controllers+=,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller
+  controllers+=,clusterrole-aggregation-controller  # the chart's user roles join edit/admin/view
   start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG_FILE" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$KCM_PORT" --controllers="$controllers" \
     --service-account-private-key-file="$PKI/sa.key" --root-ca-file="$PKI/ca.crt" --use-service-account-credentials=false \

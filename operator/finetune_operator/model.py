@@ -62,6 +62,14 @@ def model_status(result: TrainerResult, generation: int | None, now: datetime | 
     return status.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def same_lineage(existing: dict, job: FineTuneJob) -> bool:
-    """Whether an existing Model was published by this very job (not a namesake)."""
-    return existing.get("spec", {}).get("sourceJob", {}).get("uid") == job.metadata.uid
+def published_here(existing: dict, built: dict, job: FineTuneJob) -> bool:
+    """Whether an existing Model is the one this job publishes, not a namesake or a forgery.
+
+    `sourceJob.uid` alone proves nothing: anyone who may create Models can copy a job's UID into
+    one with their own URI and digest, and the operator would then mark it Ready as "verified by
+    the trainer". The operator owns a Model only if it is controlled by this job (the
+    ownerReference the operator sets) and its spec is exactly the one built from this job's
+    result (a create the operator itself made, found again after a restart)."""
+    controlled = any(ref.get("controller") and ref.get("uid") == job.metadata.uid
+                     for ref in existing.get("metadata", {}).get("ownerReferences", []) or [])
+    return controlled and existing.get("spec") == built["spec"]

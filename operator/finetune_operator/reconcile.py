@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from . import children, failures, kube, metrics, naming, provisioning, status
 from .api import TERMINAL_PHASES, FineTuneJob
 from .kubetime import format_time, parse_time
-from .model import build_model, model_status, same_lineage
+from .model import build_model, model_status, published_here
 from .settings import OperatorSettings
 from .sources import UnsupportedSource
 
@@ -282,9 +282,10 @@ async def _karpenter_events(ftj: FineTuneJob, pods: list[dict]) -> tuple[tuple[s
 
 async def _publish_model(ftj: FineTuneJob, obs: status.Observation) -> str | None:
     """Create the Model (once) and mark it Ready. Returns a message if the name is taken."""
-    model, _ = await kube.create(build_model(ftj, obs.result))
-    if not same_lineage(model, ftj):
-        return (f"a Model named {ftj.model_name} already exists and was published by another job; "
+    built = build_model(ftj, obs.result)
+    model, _ = await kube.create(built)
+    if not published_here(model, built, ftj):
+        return (f"a Model named {ftj.model_name} already exists and was not published by this job; "
                 "set spec.output.modelName to publish under another name")
     await kube.patch_status("Model", ftj.metadata.namespace, ftj.model_name,
                             model_status(obs.result, model["metadata"].get("generation")))

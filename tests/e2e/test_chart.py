@@ -68,10 +68,16 @@ def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace:
     assert proc.returncode == 0, proc.stderr
     if "watchNamespaces" in " ".join(values):
         # Namespaced RBAC; cluster-wide only what is cluster-scoped: NodePools and TokenReviews.
-        cluster_roles = {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"}
-        assert cluster_roles == {"v-finetune-operator-node-pools", "v-finetune-operator-token-review"}
-        cluster_rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
-        assert {res for r in cluster_rules for res in r["resources"]} == {"nodepools", "tokenreviews"}
+        # (The users' roles are ClusterRoles too, aggregated into edit/view and bound to nobody here.)
+        def for_users(d: dict) -> bool:
+            return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in d["metadata"].get("labels", {}))
+        operator_roles = [d for d in docs if d["kind"] == "ClusterRole" and not for_users(d)]
+        assert {d["metadata"]["name"] for d in operator_roles} == {"v-finetune-operator-node-pools",
+                                                                   "v-finetune-operator-token-review"}
+        assert {res for d in operator_roles for r in d["rules"] for res in r["resources"]} == {"nodepools", "tokenreviews"}
+        user_rules = [r for d in docs if d["kind"] == "ClusterRole" and for_users(d) for r in d["rules"]]
+        assert not any("/" in res for r in user_rules for res in r["resources"])  # no status subresource
+        assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in user_rules if "models" in r["resources"])
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -122,6 +128,21 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         lease = wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity"), 60,
                          what="the operator to take its Lease")
         assert lease == name
+
+        # Users, through the built-in roles the chart aggregates into: their own jobs, Models
+        # read-only, no status (so no forged Model or progress).
+        kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit", "--user=alice")
+        kubectl("create", "rolebinding", "bob-view", "--clusterrole=view", "--user=bob")
+
+        def can(user: str, *what: str) -> bool:
+            return kubectl("auth", "can-i", *what, "--as", user, check=False).stdout.strip() == "yes"
+        wait_for(lambda: can("alice", "create", "finetunejobs.finetune.ai"), 30, what="the edit role to aggregate")
+        assert can("alice", "delete", "finetunejobs.finetune.ai") and can("alice", "get", "models.finetune.ai")
+        assert not can("alice", "create", "models.finetune.ai") and not can("alice", "update", "models.finetune.ai")
+        assert not can("alice", "patch", "finetunejobs.finetune.ai", "--subresource=status")
+        assert not can("alice", "patch", "models.finetune.ai", "--subresource=status")
+        wait_for(lambda: can("bob", "get", "finetunejobs.finetune.ai"), 30, what="the view role to aggregate")
+        assert can("bob", "list", "models.finetune.ai") and not can("bob", "create", "finetunejobs.finetune.ai")
 
         # The quickstart, on the real node; data where the `data` PV points.
         data_dir, models_dir = volume_dirs(kubectl.kubeconfig, namespace)

@@ -213,6 +213,25 @@ def test_model_name_taken_by_another_job(kubectl, operator):
     assert kubectl.get("model", "shared")["spec"]["sourceJob"]["name"] == "first"
 
 
+def test_a_hand_made_model_with_the_jobs_uid_is_not_published(kubectl, operator):
+    """Someone who may create Models pre-creates the job's Model with its UID and their own
+    weights: the operator must not mark it Ready as verified by the trainer."""
+    job = kubectl.create(job_manifest())
+    forged = {
+        "apiVersion": "finetune.ai/v1alpha1", "kind": "Model", "metadata": {"name": "demo"},
+        "spec": {"baseModel": {"source": "preset://tiny-llama"},
+                 "adapter": {"uri": "pvc://attacker/weights", "format": "peft", "sha256": "f" * 64, "sizeBytes": 1},
+                 "method": {"type": "lora"}, "training": {}, "dataset": {"source": "pvc://data/train.jsonl"},
+                 "sourceJob": {"name": "demo", "uid": job["metadata"]["uid"]}},
+    }
+    kubectl.create(forged)
+    finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
+    ftj = wait_phase(kubectl, "Failed")
+    assert condition(ftj, "Failed")["reason"] == "ModelNameConflict"
+    model = kubectl.get("model", "demo")
+    assert model["spec"]["adapter"]["uri"] == "pvc://attacker/weights" and model.get("status", {}).get("phase") != "Ready"
+
+
 def test_deleting_the_job_cascades_to_every_child(kubectl, operator):
     kubectl.create(job_manifest())
     finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))

@@ -2,7 +2,9 @@ import json
 
 from factories import make_job
 
-from finetune_operator.model import build_model, model_status, publish_config, same_lineage
+import copy
+
+from finetune_operator.model import build_model, model_status, publish_config, published_here
 from finetune_operator.trainer_config import render
 from finetune_trainer.config import parse_config
 from finetune_trainer.model_manifest import render_model
@@ -25,8 +27,29 @@ def test_model_from_result():
                                          "tokenizer.json": {"sha256": "b" * 64, "size": 5}}}
     assert spec["sourceJob"] == {"name": "demo", "uid": "uid-1"}
     assert spec["method"]["type"] == "lora" and spec["dataset"]["source"] == "pvc://data/sets/train.jsonl"
-    assert same_lineage(model, ftj)
-    assert not same_lineage({"spec": {"sourceJob": {"uid": "other"}}}, ftj)
+    assert published_here(model, model, ftj)
+
+
+def test_a_model_is_this_jobs_only_if_it_controls_it_and_its_spec_is_the_one_built():
+    ftj = make_job()
+    built = build_model(ftj, RESULT)
+    # A forgery: the job's UID copied into sourceJob, someone else's weights.
+    forged = copy.deepcopy(built)
+    forged["metadata"]["ownerReferences"] = []
+    forged["spec"]["adapter"]["uri"] = "pvc://elsewhere/x"
+    assert not published_here(forged, built, ftj)
+    # Even with the job as its controller, a different spec is not what this job published.
+    with_owner = copy.deepcopy(forged)
+    with_owner["metadata"]["ownerReferences"] = built["metadata"]["ownerReferences"]
+    assert not published_here(with_owner, built, ftj)
+    # The right spec without the controller reference (a namesake, or a copy) is not it either.
+    unowned = copy.deepcopy(built)
+    unowned["metadata"]["ownerReferences"][0]["controller"] = False
+    assert not published_here(unowned, built, ftj)
+    # What the API server returns for the operator's own create: numbers may come back as ints.
+    returned = copy.deepcopy(built)
+    returned["spec"]["training"]["maxGradNorm"] = 1
+    assert published_here(returned, built, ftj)
 
 
 def test_model_status_ready_with_metrics():
