@@ -2,7 +2,7 @@
 # Build the local control plane from the upstream Go modules at the versions pinned in
 # hack/versions.env, caching each binary by version so a second run is a no-op.
 #
-#   hack/build-binaries.sh [component...]    components: kubernetes etcd kwok karpenter helm
+#   hack/build-binaries.sh [component...]    components: kubernetes etcd kwok karpenter helm coredns
 #
 # Prints the cache directory holding the binaries. Build logs go to $CACHE/logs/.
 set -euo pipefail
@@ -55,7 +55,8 @@ build_kubernetes() {
 }
 
 # The kubelet runs the local cluster's real node (hack/real_node.sh).
-K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet"
+# A machine that runs no real node (hack/gpu-e2e.sh) names fewer.
+K8S_BINARIES=${K8S_BINARIES:-kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet}
 
 build_etcd() {
   local e=$ETCD_VERSION dir
@@ -86,7 +87,24 @@ build_kwok() { go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok; }
 build_karpenter() { go_install karpenter-kwok "$KARPENTER_VERSION" sigs.k8s.io/karpenter/kwok; }
 build_helm() { go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; }
 
+# CoreDNS from its module, with the repository's own main and plugin (hack/coredns/): only the
+# plugins the cluster DNS uses, so the build stays small. Cached by version and by the source,
+# so a change to the plugin list rebuilds it.
+build_coredns() {
+  local v=$COREDNS_VERSION src=$here/coredns tag dir
+  tag=$v-$(cd "$src" && find . -name '*.go' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
+  have coredns "$tag" && return
+  log "building coredns $v (about 3 minutes on 2 cores with a cold cache)"
+  dir=$WORK/coredns-$tag; rm -rf "$dir"; mkdir -p "$dir"
+  cp -r "$src/." "$dir/"
+  (
+    cd "$dir" && go mod init local/coredns && go get "github.com/coredns/coredns@$v" && go mod tidy \
+      && go build -trimpath -ldflags "-s -w" -o coredns .
+  ) >"$LOGS/coredns-$v.log" 2>&1 || { log "coredns build failed, see $LOGS/coredns-$v.log"; tail -20 "$LOGS/coredns-$v.log" >&2; return 1; }
+  install_bin "$dir/coredns" coredns "$tag"; rm -rf "$dir"
+}
+
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm)
+[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm coredns)
 for c in "${components[@]}"; do "build_$c"; done
 echo "$BIN"

@@ -4,7 +4,10 @@
 # 127.0.0.1 and built from their Go modules by hack/build-binaries.sh; and one real node,
 # local-0: the upstream kubelet with containerd and runc, running the product's own images
 # (hack/node.sh, hack/images.sh). It is tainted finetune.ai/local-node, so only pods that
-# tolerate it run there; every other pod lands on kwok's nodes.
+# tolerate it run there; every other pod lands on kwok's nodes. Cluster DNS is CoreDNS (built
+# from its module with hack/coredns/main.go) on $DNS_IP:53, serving cluster.local from the API
+# under its own least-privilege identity; the real node's pods use it (kubelet clusterDNS), and
+# process nodes do when started with --cluster-dns $DNS_IP.
 #
 #   hack/cluster.sh up [--karpenter]
 #                           start it (idempotent: a healthy cluster is left as it is); with
@@ -36,11 +39,19 @@ POD_CIDR=${POD_CIDR:-127.100.0.0/16}
 # Service ClusterIPs, on loopback too; the first one is the `kubernetes` Service's.
 SERVICE_CIDR=127.96.0.0/16
 KUBERNETES_SERVICE_IP=127.96.0.1
+# Cluster DNS (CoreDNS): its own loopback address, so port 53 there is free; health and
+# readiness endpoints on the same address.
+DNS_IP=${DNS_IP:-127.0.0.10}
+CLUSTER_DOMAIN=cluster.local
 
 PIDS=$CLUSTER_DIR/pids
 LOGS=$CLUSTER_DIR/logs
 PKI=$CLUSTER_DIR/pki
 KUBECONFIG_FILE=$CLUSTER_DIR/kubeconfig
+# all: kwok's nodes, cluster DNS and the real node local-0 too; control-plane: etcd, the API
+# server, controller manager and scheduler alone, for a machine that brings its own node (the
+# GPU machine's process node, hack/gpu-e2e.sh).
+CLUSTER_PARTS=${CLUSTER_PARTS:-all}
 
 say() { echo "cluster: $*" >&2; }
 
@@ -160,10 +171,90 @@ karpenter_up() {
   say "karpenter up"
 }
 
+# CoreDNS's identity: a client certificate for the user system:coredns, bound to a ClusterRole
+# that may only list and watch what the kubernetes plugin reads (as kubeadm's system:coredns).
+dns_pki() {
+  [ -f "$PKI/coredns.crt" ] && return
+  (
+    cd "$PKI"
+    printf 'extendedKeyUsage=clientAuth\n' >client.cnf
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=system:coredns" -keyout coredns.key -out coredns.csr
+    openssl x509 -req -in coredns.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 -extfile client.cnf -out coredns.crt
+  ) >>"$LOGS/pki.log" 2>&1
+}
+
+dns_config() {
+  cat >"$CLUSTER_DIR/coredns.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: coredns
+  user: {client-certificate: "$PKI/coredns.crt", client-key: "$PKI/coredns.key"}
+contexts:
+- name: local
+  context: {cluster: local, user: coredns}
+current-context: local
+EOF
+  # Only the cluster's zones: anything else is refused, never forwarded off the machine.
+  cat >"$CLUSTER_DIR/Corefile" <<EOF
+$CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {
+    bind $DNS_IP
+    errors
+    log
+    health $DNS_IP:8080
+    ready $DNS_IP:8181
+    # The pods of headless Services (<hostname>.<subdomain>.<ns>.svc): from the Pods, since
+    # the API refuses EndpointSlices with loopback addresses (hack/coredns/podhosts).
+    podhosts $CLUSTER_DOMAIN {
+        kubeconfig $CLUSTER_DIR/coredns.kubeconfig local
+    }
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $CLUSTER_DIR/coredns.kubeconfig local
+        pods insecure
+        ttl 5
+    }
+    cache 5
+}
+EOF
+}
+
+dns_up() {
+  alive coredns && return
+  local bin; bin=$("$here/build-binaries.sh" coredns)
+  dns_pki
+  kubectl apply -f - >"$LOGS/coredns-rbac.log" 2>&1 <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+- {apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns"}
+EOF
+  dns_config
+  start coredns "$bin/coredns" -conf "$CLUSTER_DIR/Corefile"
+  wait_for "coredns ready at $DNS_IP" 60 curl -sf "http://$DNS_IP:8181/ready"
+  say "cluster DNS at $DNS_IP"
+}
+
 up() {
-  BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
+  if [ "$CLUSTER_PARTS" = control-plane ]; then
+    BIN=$(K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl" "$here/build-binaries.sh" etcd kubernetes)
+  else
+    BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
+  fi
   mkdir -p "$PIDS" "$LOGS"
-  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok && alive kubelet && alive kubernetes-service; then
+  if alive kube-apiserver && kubectl get --raw /readyz >/dev/null 2>&1 && alive kwok && alive kubelet && alive kubernetes-service \
+      && alive coredns && ! kubelet_config_changed; then
     say "already running ($KUBECONFIG_FILE)"
     build_images && import_images
     if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
@@ -203,6 +294,11 @@ up() {
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$KUBECONFIG_FILE" --leader-elect=false \
     --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --profiling=false --v=1
 
+  if [ "$CLUSTER_PARTS" = control-plane ]; then
+    wait_for "default service account" 60 kubectl -n default get serviceaccount default
+    say "up, control plane only: export KUBECONFIG=$KUBECONFIG_FILE"
+    return
+  fi
   kwok_stages >"$CLUSTER_DIR/kwok-stages.yaml"
   start kwok "$BIN/kwok" --kubeconfig="$KUBECONFIG_FILE" --config="$CLUSTER_DIR/kwok-stages.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
@@ -212,6 +308,7 @@ up() {
   kubectl apply -f "$here/nodes.yaml" >"$LOGS/nodes.log" 2>&1
   wait_for "nodes Ready" 60 kubectl wait --for=condition=Ready node --all --timeout=1s
   wait_for "default service account" 60 kubectl -n default get serviceaccount default
+  dns_up
   node_up
   if [ "${1:-}" = "--karpenter" ]; then karpenter_up; fi
   say "up: export KUBECONFIG=$KUBECONFIG_FILE"
@@ -220,7 +317,7 @@ up() {
 down() {
   local name
   node_down
-  for name in karpenter kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$name"; done
+  for name in karpenter coredns kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$name"; done
   rm -rf --one-file-system "$CLUSTER_DIR"
   say "down"
 }

@@ -19,6 +19,9 @@
 #   The one Service whose ports differ is `kubernetes` (443 -> the API server's port), which every
 #   in-cluster client finds through KUBERNETES_SERVICE_HOST/PORT: socat forwards it, as
 #   kube-proxy would.
+# - Cluster DNS is CoreDNS at $DNS_IP (hack/cluster.sh): the kubelet's clusterDNS, so pods with
+#   dnsPolicy ClusterFirstWithHostNet (the trainer's, on the host network) resolve Services and
+#   the pods of headless Services (<pod>.<subdomain>.<ns>.svc.cluster.local).
 #
 # Images and snapshots live in the cache (containerd's root), so an image imported once is
 # there for every later cluster; containerd's state, sockets and the kubelet's root live in
@@ -126,7 +129,17 @@ contexts:
   context: {cluster: local, user: kubelet}
 current-context: local
 EOF
-  cat >"$NODE_DIR/kubelet.yaml" <<EOF
+  kubelet_yaml >"$NODE_DIR/kubelet.yaml"
+}
+
+# A running kubelet started from another configuration (e.g. before cluster DNS existed).
+kubelet_config_changed() {
+  [ -f "$NODE_DIR/kubelet.yaml" ] && [ -f "$PKI/tokens.csv" ] || return 1
+  ! cmp -s <(kubelet_yaml) "$NODE_DIR/kubelet.yaml"
+}
+
+kubelet_yaml() {
+  cat <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
@@ -156,6 +169,8 @@ maxPods: 20
 nodeStatusUpdateFrequency: 10s
 shutdownGracePeriod: 0s
 resolvConf: /etc/resolv.conf
+clusterDNS: [$DNS_IP]
+clusterDomain: $CLUSTER_DOMAIN
 EOF
 }
 
@@ -213,6 +228,10 @@ node_up() {
   containerd_up
   import_images
   kubernetes_service_up
+  if alive kubelet && kubelet_config_changed; then
+    say "kubelet configuration changed: restarting the kubelet (its containers keep running)"
+    stop kubelet
+  fi
   if ! alive kubelet; then
     kubelet_config
     start kubelet "$BIN/kubelet" --config="$NODE_DIR/kubelet.yaml" --kubeconfig="$NODE_DIR/kubelet.kubeconfig" \
