@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("FTO_CACHE", Path.home() / ".cache" / "finetune-operator"))
 KUBECTL = str(CACHE / "bin" / "kubectl")
 VENV_BIN = Path(sys.executable).parent
+# The local cluster's DNS (CoreDNS, started by hack/cluster.sh on DNS_IP:53).
+CLUSTER_DNS = os.environ.get("DNS_IP", "127.0.0.10")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:

@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, int | None]
     p.add_argument("--label", action="append", type=_pair, default=[], metavar="KEY=VALUE")
     p.add_argument("--taint", action="append", type=Taint.parse, default=[], metavar="KEY[=VALUE]:EFFECT")
     p.add_argument("--node-ip", default="127.0.0.1", help="the node's and every pod's IP (must be loopback)")
+    p.add_argument("--cluster-dns", default="", metavar="IP[,IP...]",
+                   help="the cluster DNS (e.g. CoreDNS), as the kubelet's flag: the nameserver of pods with "
+                        "dnsPolicy ClusterFirst[WithHostNet]; empty: they get the host's resolv.conf")
+    p.add_argument("--cluster-domain", default="cluster.local",
+                   help="the cluster's DNS domain, as the kubelet's flag (default: cluster.local)")
     p.add_argument("--heartbeat-seconds", type=float, default=10.0)
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0)
     p.add_argument("--restart-backoff-seconds", type=float, default=10.0,
@@ -55,12 +60,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, int | None]
     a = p.parse_args(argv)
     if not a.node_ip.startswith("127."):
         p.error("--node-ip must be in 127.0.0.0/8: nothing may point outside loopback")
+    cluster_dns = tuple(ip.strip() for ip in a.cluster_dns.split(",") if ip.strip())
+    if any(not ip.startswith("127.") for ip in cluster_dns):
+        p.error("--cluster-dns must be in 127.0.0.0/8: nothing may point outside loopback")
     config = Config(
         node_name=a.node_name, kubeconfig=a.kubeconfig, state_dir=a.state_dir.resolve(),
         volumes_root=a.volumes_root.resolve() if a.volumes_root else None,
         claim_dirs={k: Path(v).resolve() for k, v in a.volume},
         capacity={"cpu": a.cpu, "memory": a.memory, "pods": a.pods, **dict(a.resource)},
         labels=dict(a.label), taints=tuple(a.taint), node_ip=a.node_ip,
+        cluster_dns=cluster_dns, cluster_domain=a.cluster_domain.strip("."),
         heartbeat_seconds=a.heartbeat_seconds, shutdown_grace_seconds=a.shutdown_grace_seconds,
         restart_backoff_seconds=a.restart_backoff_seconds, keep_node=a.keep_node)
     log_file = a.log_file or config.state_dir / "process-node.log"

@@ -37,6 +37,8 @@ class Config:
     labels: dict[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
     node_ip: str = "127.0.0.1"
+    cluster_dns: tuple[str, ...] = ()          # kubelet --cluster-dns: nameservers of ClusterFirst pods
+    cluster_domain: str = "cluster.local"      # kubelet --cluster-domain
     lease_seconds: int = 40
     heartbeat_seconds: float = 10.0
     status_seconds: float = 30.0

@@ -58,6 +58,7 @@ class LaunchSpec:
     log_path: Path
     termination_message_path: str | None
     fallback_to_logs: bool
+    hostname: str | None = None   # the UTS namespace's hostname; None: the host's (hostNetwork)
 
 
 class Process:
@@ -90,7 +91,7 @@ class Process:
             mounts.append({"source": str(self.message_file), "target": spec.termination_message_path})
         launch = {"command": spec.command, "env": spec.env, "workingDir": spec.working_dir, "mounts": mounts,
                   "scratch": str(spec.scratch_dir), "startError": str(spec.container_dir / "start-error"),
-                  "keepVisible": RUNTIME_PATHS}
+                  "keepVisible": RUNTIME_PATHS, "hostname": spec.hostname}
         spec_file = spec.container_dir / "launch.json"
         spec_file.write_text(json.dumps(launch, indent=1))
         with open(spec.log_path, "ab") as out:

@@ -9,7 +9,11 @@ SPEC is written by `runtime.py`:
     {"command": [...], "env": {...}, "workingDir": "/...", "scratch": "/state/pods/UID/ns",
      "startError": "/state/pods/UID/containers/NAME/start-error",
      "mounts": [{"source": "/host/dir", "target": "/etc/finetune", "readOnly": true}],
-     "keepVisible": ["/path/to/venv", ...]}
+     "keepVisible": ["/path/to/venv", ...], "hostname": "pod-0"}
+
+With a hostname (every pod but a hostNetwork one) the process also gets its own UTS namespace
+with that hostname, as a pod's sandbox has; the pod's /etc/hosts and /etc/resolv.conf, written
+by the node (dns.py), come in as ordinary file mounts.
 
 Host directories in keepVisible (the node's own Python environment, which the container runs)
 are bound back, read-only, wherever a volume's mountPath would otherwise hide them.
@@ -39,6 +43,7 @@ import stat
 import sys
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
@@ -167,6 +172,13 @@ def prepare(spec: dict) -> None:
         os.close(fd)
 
 
+def set_hostname(name: str) -> None:
+    """A UTS namespace of the process's own, named like the pod."""
+    _check(_libc.unshare(CLONE_NEWUTS), "unshare(CLONE_NEWUTS)")
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), f"sethostname {name}")
+
+
 def check(directory: str) -> int:
     """`sandbox.py --check DIR`: can we make a private mount namespace with tmpfs and overlayfs?"""
     try:
@@ -193,6 +205,8 @@ def main(argv: list[str]) -> int:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() == 1:
             raise SandboxError("the process node exited before the container started")
+        if spec.get("hostname"):
+            set_hostname(spec["hostname"])
         if spec.get("mounts"):
             prepare(spec)
         os.chdir(spec.get("workingDir") or "/")

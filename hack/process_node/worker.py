@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 from urllib.parse import urlsplit
 
-from process_node import envvars, podstatus, volumes
+from process_node import dns, envvars, podstatus, volumes
 from process_node.config import Config
 from process_node.kube import Conflict, Kube, NotFound, pod_path
 from process_node.runtime import LaunchSpec, Mount, Process
@@ -250,8 +250,18 @@ class PodWorker:
                 if not source.exists():
                     source.mkdir(parents=True)  # the kubelet creates a missing subPath as a directory
             mounts.append(Mount(source, m["mountPath"], bool(m.get("readOnly"))))
+        names = dns.pod_names(self.pod, self.config.node_ip, list(self.config.cluster_dns), self.config.cluster_domain)
+        # The kubelet's managed files, unless the container mounts its own there.
+        for target, text in (("/etc/resolv.conf", names.resolv_conf), ("/etc/hosts", names.hosts)):
+            if any(m.target.rstrip("/") == target for m in mounts):
+                continue
+            path = self.pod_dir / "etc" / target.rsplit("/", 1)[1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(0o644)
+            mounts.append(Mount(path, target))
         env_vars = await envvars.resolve(self.pod, container, self._fetch, self.config.node_ip)
-        env = {**self.base_env, "HOSTNAME": meta["name"], **service_env(self.kube.server), **env_vars}
+        env = {**self.base_env, "HOSTNAME": names.env_hostname, **service_env(self.kube.server), **env_vars}
         name = container["name"]
         policy = container.get("terminationMessagePolicy", "File")
         return LaunchSpec(
@@ -260,7 +270,7 @@ class PodWorker:
             container_dir=self.pod_dir / "containers" / name, scratch_dir=self.pod_dir / "containers" / name / "ns",
             log_path=self.config.logs_dir / f"{namespace}_{meta['name']}_{self.uid}" / f"{name}.log",
             termination_message_path=container.get("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH),
-            fallback_to_logs=policy == "FallbackToLogsOnError")
+            fallback_to_logs=policy == "FallbackToLogsOnError", hostname=names.hostname)
 
     def grace_seconds(self) -> float:
         meta, spec = self.pod["metadata"], self.pod.get("spec") or {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetools import REPO, ProcessNode
+from kubetools import CLUSTER_DNS, REPO, ProcessNode
 
 HACK = REPO / "hack"
 if str(HACK) not in sys.path:
@@ -18,7 +18,8 @@ if str(HACK) not in sys.path:
 def process_node(kubeconfig: str, tmp_path: Path, request):
     data_dir = tmp_path / "data"  # where PVC `data` lives
     node = ProcessNode(kubeconfig, tmp_path, "pn", ["--volume", f"data={data_dir}", "--heartbeat-seconds", "2",
-                                                    "--shutdown-grace-seconds", "2", "--restart-backoff-seconds", "1"])
+                                                    "--shutdown-grace-seconds", "2", "--restart-backoff-seconds", "1",
+                                                    "--cluster-dns", CLUSTER_DNS])
     node.data_dir = data_dir
     node.start()
     yield node

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetools import REPO, Kubectl, wait_for
+from kubetools import CLUSTER_DNS, REPO, Kubectl, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +270,45 @@ def test_restart_policy_restarts_the_container(process_node, kubectl: Kubectl) -
     cs = status["containerStatuses"][0]
     assert status["phase"] == "Succeeded" and cs["restartCount"] == 1, status
     assert cs["state"]["terminated"]["exitCode"] == 0
+
+
+def test_pod_names_resolve_through_cluster_dns(process_node, kubectl: Kubectl, namespace: str) -> None:
+    """As under a kubelet: the pod's hostname is spec.hostname in its own UTS namespace, /etc/hosts
+    names its FQDN under spec.subdomain, and /etc/resolv.conf points at the cluster DNS, through
+    which Services and the pods of a headless Service resolve; the host's files stay as they were."""
+    host_files = {p: Path(p).read_text() for p in ("/etc/hosts", "/etc/resolv.conf")}
+    kubectl.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
+                    "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "dns-probe"},
+                             "ports": [{"name": "p", "port": 29500}]}})
+    script = """
+        import json, socket
+        def resolve(name):
+            try:
+                return sorted({a[4][0] for a in socket.getaddrinfo(name, None, socket.AF_INET)})
+            except socket.gaierror as exc:
+                return str(exc)
+        own = "probe-0.peers"   # the search path completes it to probe-0.peers.<ns>.svc.cluster.local
+        for _ in range(100):    # until the endpoint controller has published this pod
+            if isinstance(resolve(own), list):
+                break
+            __import__("time").sleep(0.2)
+        print(json.dumps({"hostname": socket.gethostname(), "hosts": open("/etc/hosts").read(),
+                          "resolv": open("/etc/resolv.conf").read(), "own": resolve(own),
+                          "kubernetes": resolve("kubernetes.default"), "outside": resolve("example.com")}))
+    """
+    manifest = pod("probe-0-xyz", process_node.name, script)
+    manifest["metadata"]["labels"] = {"app": "dns-probe"}
+    manifest["spec"] |= {"hostname": "probe-0", "subdomain": "peers"}
+    kubectl.create(manifest)
+    done = terminated(kubectl, "probe-0-xyz", timeout=60)
+    assert done["status"]["phase"] == "Succeeded", process_node.container_log(namespace, "probe-0")
+    out = json.loads(kubectl("logs", "probe-0-xyz").stdout)
+    assert out["hostname"] == "probe-0"
+    assert out["resolv"] == (f"nameserver {CLUSTER_DNS}\nsearch {namespace}.svc.cluster.local svc.cluster.local "
+                             "cluster.local\noptions ndots:5\n")
+    assert f"127.0.0.1\tprobe-0.peers.{namespace}.svc.cluster.local\tprobe-0" in out["hosts"].splitlines()
+    assert out["own"] == ["127.0.0.1"], out["own"]               # the pod's A record, from CoreDNS
+    kubernetes_ip = Kubectl(kubectl.kubeconfig, "default").get("service", "kubernetes")["spec"]["clusterIP"]
+    assert out["kubernetes"] == [kubernetes_ip]
+    assert isinstance(out["outside"], str), "names outside the cluster must not resolve"
+    assert {p: Path(p).read_text() for p in host_files} == host_files
