@@ -121,6 +121,8 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        # Where the trainer binds its metrics endpoint (the config's metricsHost names it).
+        {"name": trainer_config.POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
     if not spec.base_model.source.startswith("hf://"):
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})

@@ -34,6 +34,11 @@ TOKEN_DIR = "/var/run/secrets/finetune/base-model"
 PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune/progress"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9090
+# The pod's own IP, from the downward API (children.build_job): the trainer binds its metrics
+# endpoint there, so two trainer pods whose IPs differ never clash on METRICS_PORT even where
+# they share one host's ports (process nodes, one per loopback address); a hostNetwork pod's
+# IP is its node's, where the scheduler keeps two pods with the same port apart (hostPort).
+POD_IP_ENV = "POD_IP"
 
 
 def resolved_sources(job: FineTuneJob, claim_dirs: dict[str, str] | None = None) -> dict[str, sources.Resolved]:
@@ -46,7 +51,8 @@ def resolved_sources(job: FineTuneJob, claim_dirs: dict[str, str] | None = None)
 
 
 def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, Any]:
-    reporting: dict[str, Any] = {"metricsPort": METRICS_PORT, "terminationMessagePath": TERMINATION_LOG}
+    reporting: dict[str, Any] = {"metricsPort": METRICS_PORT, "metricsHost": f"$({POD_IP_ENV})",
+                                 "terminationMessagePath": TERMINATION_LOG}
     if progress_url:
         reporting["progressUrl"] = (f"{progress_url.rstrip('/')}/v1/namespaces/{job.metadata.namespace}"
                                     f"/finetunejobs/{job.metadata.name}/progress")

@@ -51,3 +51,12 @@ def test_only_rank_0_reports(tmp_path, capsys):
     main.close()
     line = capsys.readouterr().out
     assert line.startswith(PROGRESS_PREFIX) and json.loads(line[len(PROGRESS_PREFIX):])["event"] == "x"
+
+
+def test_metrics_bind_on_the_pods_own_ip():
+    from finetune_trainer.reporting import bind_address
+
+    assert bind_address("$(POD_IP)", {"POD_IP": "127.0.0.3"}) == "127.0.0.3"
+    assert bind_address("0.0.0.0", {}) == "0.0.0.0"
+    with pytest.raises(ValueError, match="POD_IP is not set"):
+        bind_address("$(POD_IP)", {})

@@ -88,6 +88,15 @@ def test_multi_node_job_is_indexed_with_rendezvous_on_rank_zero():
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
 
 
+def test_trainer_binds_metrics_on_its_pod_ip():
+    job = children.build_job(make_job(), SETTINGS)
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    config = yaml.safe_load(children.build_config_map(make_job(), SETTINGS)["data"]["config.yaml"])
+    assert config["reporting"]["metricsHost"] == "$(POD_IP)"
+    assert container(job)["ports"] == [{"name": "metrics", "containerPort": 9090}]
+
+
 def test_user_errors_fail_the_job_without_retries():
     policy = children.build_job(make_job(), SETTINGS)["spec"]["podFailurePolicy"]
     assert policy == failures.pod_failure_policy(children.TRAINER_CONTAINER)  # rendered from the one table

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -19,6 +21,22 @@ from finetune_trainer.config import ReportingConfig
 from finetune_trainer.protocol import PROGRESS_EVENT, PROGRESS_PREFIX, format_duration
 
 log = logging.getLogger(__name__)
+
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def bind_address(host: str, environ: dict[str, str] | None = None) -> str:
+    """reporting.metricsHost with each $(VAR) replaced by that environment variable (the operator
+    renders $(POD_IP), set from the downward API), so one config shared by every pod of a job
+    binds each pod on its own IP."""
+    env = os.environ if environ is None else environ
+
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in env or not env[m.group(1)]:
+            raise ValueError(f"reporting.metricsHost {host!r}: environment variable {m.group(1)} is not set")
+        return env[m.group(1)]
+    return _VAR.sub(sub, host)
 
 
 class Metrics:
@@ -113,8 +131,9 @@ class Reporter:
             self.stream = open(config.progress_file, "a", buffering=1)
         self.pusher = ProgressPusher(config.progress_url, config.progress_token_file) if config.progress_url else None
         if config.metrics_port:
-            self.metrics = Metrics(config.metrics_host, config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+            host = bind_address(config.metrics_host)
+            self.metrics = Metrics(host, config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, config.metrics_port)
 
     def emit(self, record: dict[str, Any]) -> None:
         if not self.is_main:
