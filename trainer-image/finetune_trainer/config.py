@@ -280,7 +280,11 @@ class ReportingConfig(ContractModel):
         None, description="JSON-lines progress stream; null = stdout lines with PROGRESS_PREFIX"
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint; 0 = disabled")
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field(
+        "0.0.0.0",
+        description="address the metrics endpoint binds; $(VAR) is replaced by the environment variable VAR, "
+        "e.g. $(POD_IP) set from the pod's status.podIP, so pods that share a host never share an address",
+    )
     termination_message_path: str | None = None
     progress_url: str | None = Field(
         None, description="operator endpoint that receives the latest progress (POST JSON); null = off"
