@@ -13,6 +13,10 @@ its latest checkpoint. Failures that a retry cannot fix end the job at once, wit
 Job controller ends the Job itself for those it can see (an exit code its pod failure policy
 names); the operator decides the others (`operator_decides`), and then stops the trainer Job,
 which would otherwise retry them or wait on them forever.
+
+A trainer Job that completed is judged by its result instead (status.observe): `NoResult`,
+`InvalidResult`, and `WorldSizeMismatch` when the world the trainer joined is not the one the job
+asked for (status.world_mismatch). None is retried, and none publishes a Model.
 """
 
 from __future__ import annotations

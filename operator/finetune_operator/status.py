@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from finetune_trainer.result import InvalidResult, TrainerResult, parse_result
+from finetune_trainer.result import InvalidResult, TrainerResult, World, parse_result
 
 from . import failures
 from .api import Condition, FineTuneJob, Phase
@@ -92,6 +92,25 @@ def _pending_message(pods: list[dict]) -> str:
     return "waiting for the trainer pods to start"
 
 
+def asked_world(ftj: FineTuneJob) -> World:
+    """The process group the job asks for: distributed.nodes pods of processes_per_node processes
+    each (the numbers the trainer command hands torchrun)."""
+    nodes, per_node = ftj.spec.distributed.nodes, ftj.spec.processes_per_node
+    return World(world_size=nodes * per_node, nodes=nodes, processes_per_node=per_node)
+
+
+def world_mismatch(ftj: FineTuneJob, joined: World) -> str | None:
+    """Why the world the trainer reports joining is not the one the job asked for, if it is not.
+
+    A launcher that ignores torchrun's environment makes every pod train its own world-size-1
+    copy, and each one exits 0 with a result; only the world it measured tells."""
+    asked = asked_world(ftj)
+    if joined == asked:
+        return None
+    return (f"trainer joined {joined.describe()}; the job asked for {asked.nodes} node(s) x "
+            f"{asked.processes_per_node} = {asked.world_size}; no Model was published")
+
+
 @dataclass(frozen=True)
 class Provisioning:
     """What the operator knows about node provisioning for the job (karpenter only)."""
@@ -153,6 +172,9 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
         except InvalidResult as exc:
             return Observation("Failed", "NoResult" if not term.get("message") else "InvalidResult", str(exc),
                                start_time=start_time, completion_time=completion)
+        mismatch = world_mismatch(ftj, result.world)
+        if mismatch:
+            return Observation("Failed", "WorldSizeMismatch", mismatch, start_time=start_time, completion_time=completion)
         m = result.metrics
         message = f"trained {m.steps} steps; train loss {m.train_loss:.4g}"
         if m.eval_loss is not None:

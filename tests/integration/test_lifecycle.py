@@ -1,5 +1,5 @@
-"""Lifecycle controls: suspend and resume, the active deadline, TTL after finishing, and the
-operator's metrics."""
+"""Lifecycle controls: suspend and resume, the active deadline, TTL after finishing, the world
+size check before a Model is published, and the operator's metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import pytest
-from test_operator import RESULT, condition, finish_pod, job_manifest, running_pod, wait_phase
+from test_operator import RESULT, condition, finish_pod, job_manifest, result_in_world, running_pod, wait_phase
 
 from kubetools import wait_for
 
@@ -61,6 +61,43 @@ def test_ttl_deletes_finished_jobs(kubectl, operator):
     wait_for(lambda: kubectl.get("ftj", "demo") is None, 30, what="the TTL to delete the job")
     wait_for(lambda: kubectl.get("job", "demo-trainer") is None and kubectl.get("model", "demo") is None, 60,
              what="its children to be garbage-collected")
+
+
+def _finish_two_node_job(kubectl, rank0_result: dict) -> None:
+    """Both pods of a 2-node CPU job exit 0; rank 0's termination message is `rank0_result`."""
+    def both_running():
+        pods = [p for p in kubectl.items("pods", "finetune.ai/job=demo") if p["status"].get("phase") == "Running"]
+        return pods if len(pods) == 2 else None
+
+    by_index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p
+                for p in wait_for(both_running, 60, what="both trainer pods running")}
+    finish_pod(kubectl, by_index["0"], 0, json.dumps(rank0_result))
+    finish_pod(kubectl, by_index["1"], 0)
+
+
+def test_a_trainer_that_joined_a_smaller_world_fails_and_publishes_nothing(kubectl, operator):
+    # Each pod trained its own world-size-1 copy (a launcher that ignored torchrun's environment)
+    # and "succeeded": the result says world size 1, the job asked for 2 nodes.
+    kubectl.create(job_manifest(distributed={"nodes": 2}))
+    _finish_two_node_job(kubectl, result_in_world(nodes=1))
+    ftj = wait_phase(kubectl, "Failed")
+    failed = condition(ftj, "Failed")
+    assert failed["reason"] == "WorldSizeMismatch"
+    assert "trainer joined world size 1 on 1 node(s) x 1; the job asked for 2 node(s) x 1 = 2" in failed["message"]
+    assert condition(ftj, "Ready")["status"] == "False" and "model" not in ftj["status"]
+    time.sleep(2)  # a few more passes of the operator: still no Model
+    assert kubectl.get("model", "demo") is None
+    assert kubectl.get("ftj", "demo")["status"]["phase"] == "Failed"
+
+
+def test_a_trainer_that_joined_the_world_asked_for_publishes_it_in_the_lineage(kubectl, operator):
+    kubectl.create(job_manifest(distributed={"nodes": 2}))
+    _finish_two_node_job(kubectl, result_in_world(nodes=2))
+    ftj = wait_phase(kubectl, "Succeeded")
+    assert ftj["status"]["model"] == "demo"
+    model = wait_for(lambda: (lambda m: m if m and m.get("status", {}).get("phase") == "Ready" else None)(
+        kubectl.get("model", "demo")), 30, what="the Model to be Ready")
+    assert model["spec"]["world"] == {"worldSize": 2, "nodes": 2, "processesPerNode": 1}
 
 
 def test_operator_metrics(kubectl, operator):

@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from test_operator import RESULT, condition, finish_pod, job_manifest, running_pod, wait_phase
+from test_operator import RESULT, condition, finish_pod, job_manifest, result_in_world, running_pod, wait_phase
 
 from kubetools import Kubectl, wait_for
 
@@ -102,7 +102,7 @@ def test_two_nodes_of_eight_gpus_run_as_one_gang_and_restart_together(kubectl, k
     second = wait_for(new_attempt, 120, what="a new attempt with both pods")
     assert "attempt" in operator.log or "whose peer failed" in operator.log
     by_index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in second}
-    finish_pod(kubectl, by_index["0"], 0, json.dumps(RESULT))
+    finish_pod(kubectl, by_index["0"], 0, json.dumps(result_in_world(nodes=2, per_node=8)))
     finish_pod(kubectl, by_index["1"], 0)
     ftj = wait_phase(kubectl, "Succeeded", timeout=60)
     assert ftj["status"]["model"] == "demo"

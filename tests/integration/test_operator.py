@@ -24,7 +24,13 @@ RESULT = {
         "adapter_config.json": {"sha256": SHA_B, "size": 512},
     },
     "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "initialEvalLoss": 4.0, "steps": 12, "tokens": 24576},
+    "world": {"worldSize": 1, "nodes": 1, "processesPerNode": 1},  # what job_manifest asks for
 }
+
+
+def result_in_world(nodes: int, per_node: int = 1) -> dict:
+    """RESULT as a trainer reports it from a process group of nodes x per_node processes."""
+    return {**RESULT, "world": {"worldSize": nodes * per_node, "nodes": nodes, "processesPerNode": per_node}}
 
 
 def job_manifest(name: str = "demo", **spec_overrides) -> dict:

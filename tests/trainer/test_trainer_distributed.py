@@ -1,10 +1,12 @@
 """Two processes under torchrun (gloo on CPU) with DeepSpeed ZeRO 2 and 3."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from trainer_helpers import assert_ok, make_config, run_trainer, write_config
+from trainer_helpers import TORCHRUN, assert_ok, free_port, make_config, run_trainer, trainer_env, write_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
@@ -59,8 +61,43 @@ def test_two_processes_match_one_process(single_process, stage):
     # The step loss is a mean over the whole step's target tokens, whichever process holds them.
     assert result["metrics"]["trainLoss"] == pytest.approx(single_result["metrics"]["trainLoss"], rel=1e-4)
     assert result["runPlan"]["worldSize"] == 2 and result["runPlan"]["accumulationSteps"] == 2
+    # The world it reports is the one it joined: two processes on one node.
+    assert result["world"] == {"worldSize": 2, "nodes": 1, "processesPerNode": 2}
     adapter_config = json.loads((tmp_path / f"zero{stage}" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 8 and adapter_config["peft_type"] == "LORA"
+
+
+def test_a_single_process_reports_a_world_of_one(single_process):
+    _, _, (result, _) = single_process
+    assert result["world"] == {"worldSize": 1, "nodes": 1, "processesPerNode": 1}
+
+
+# Joins the process group the way the trainer does and prints, on rank 0, the world it measured.
+REPORT_WORLD = (
+    "from finetune_trainer import distributed; d = distributed.setup(); "
+    "d.is_main and print('WORLD', d.world.model_dump_json(by_alias=True)); distributed.teardown()"
+)
+
+
+def _reported_world(output: str) -> dict:
+    (line,) = [line for line in output.splitlines() if line.startswith("WORLD ")]
+    return json.loads(line.removeprefix("WORLD "))
+
+
+def test_nodes_are_counted_from_the_process_group_not_from_the_launcher():
+    # Two torchrun launchers of one process each, node ranks 0 and 1 (two pods of a 2-node job,
+    # here on one host): the group they join holds two nodes of one process, world size 2.
+    port = free_port()
+    launchers = [
+        subprocess.Popen([TORCHRUN, "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
+                          "--master-addr=127.0.0.1", f"--master-port={port}", "--no-python", sys.executable, "-c",
+                          REPORT_WORLD],
+                         env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=180)[0] for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
+    assert _reported_world(outputs[0]) == {"worldSize": 2, "nodes": 2, "processesPerNode": 1}
 
 
 def test_zero3_dora_and_full_save_complete_weights(single_process):

@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("torch")
 from finetune_trainer.config import parse_config  # noqa: E402
 from finetune_trainer.outputs import write_results  # noqa: E402
-from finetune_trainer.result import parse_result  # noqa: E402
+from finetune_trainer.result import World, parse_result  # noqa: E402
 
 METRICS = {"trainLoss": 1.0, "evalLoss": 1.1, "initialEvalLoss": 3.0, "steps": 5, "tokens": 100}
 
@@ -20,7 +20,8 @@ def test_result_json_is_written_last_and_lists_every_file(tmp_path):
         "publish": {"name": "m", "uri": "pvc://models/m", "baseModel": {"source": "preset://tiny-llama"},
                     "dataset": {"source": "pvc://data/d.jsonl"}, "sourceJob": {"name": "j", "uid": "u"}},
     })
-    result = write_results(config, tmp_path, ["adapter_model.safetensors", "adapter_config.json"], METRICS)
+    result = write_results(config, tmp_path, ["adapter_model.safetensors", "adapter_config.json"], METRICS,
+                           World(world_size=1, nodes=1, processes_per_node=1))
     assert set(result["files"]) == {"adapter_model.safetensors", "adapter_config.json", "model.yaml"}
     assert result["files"]["adapter_model.safetensors"]["size"] == 7
     assert json.loads((tmp_path / "result.json").read_text()) == result

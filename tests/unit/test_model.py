@@ -13,6 +13,7 @@ from finetune_trainer.result import parse_result
 RESULT = parse_result(json.dumps({
     "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10}, "tokenizer.json": {"sha256": "b" * 64, "size": 5}},
     "metrics": {"trainLoss": 0.5, "evalLoss": 0.7, "initialEvalLoss": 3.0, "steps": 9, "tokens": 99},
+    "world": {"worldSize": 1, "nodes": 1, "processesPerNode": 1},
 }))
 
 
@@ -26,6 +27,7 @@ def test_model_from_result():
                                "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10},
                                          "tokenizer.json": {"sha256": "b" * 64, "size": 5}}}
     assert spec["sourceJob"] == {"name": "demo", "uid": "uid-1"}
+    assert spec["world"] == {"worldSize": 1, "nodes": 1, "processesPerNode": 1}  # lineage: the world it trained in
     assert spec["method"]["type"] == "lora" and spec["dataset"]["source"] == "pvc://data/sets/train.jsonl"
     assert published_here(model, model, ftj)
 

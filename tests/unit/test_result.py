@@ -7,12 +7,21 @@ from finetune_trainer.result import InvalidResult, parse_result, termination_mes
 GOOD = {
     "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10}, "adapter_config.json": {"sha256": "b" * 64, "size": 2}},
     "metrics": {"trainLoss": 1.0, "evalLoss": 1.1, "initialEvalLoss": 3.0, "steps": 5, "tokens": 100},
+    "world": {"worldSize": 2, "nodes": 1, "processesPerNode": 2},
 }
 
 
 def test_valid_result():
     result = parse_result(json.dumps(GOOD))
     assert result.format == "peft" and result.weights_file == "adapter_model.safetensors" and result.model_size == 12
+    assert (result.world.world_size, result.world.nodes, result.world.processes_per_node) == (2, 1, 2)
+
+
+def test_the_world_stays_in_a_shortened_termination_message():
+    files = {f"extra-{i:04d}.json": {"sha256": f"{i:064x}", "size": 7} for i in range(60)}
+    full = parse_result(json.dumps({**GOOD, "files": {**GOOD["files"], **files}}))
+    message = termination_message(full)
+    assert json.loads(message)["world"] == GOOD["world"] and parse_result(message).world == full.world
 
 
 def test_the_manifest_is_an_output_but_not_part_of_the_model():
@@ -57,6 +66,9 @@ def test_a_long_result_keeps_the_weights_and_the_size():
     (json.dumps({**GOOD, "files": {"adapter_config.json": {"sha256": "b" * 64, "size": 2}}}), "no weights file"),
     (json.dumps({**GOOD, "files": {"model-00001-of-00002.safetensors": {"sha256": "c" * 64, "size": 5}}}), "no weights file"),
     (json.dumps({**GOOD, "files": {"adapter_model.safetensors": {"sha256": "XYZ", "size": 1}}}), "sha256"),
+    # A result that does not say which world trained it cannot be checked against the job.
+    (json.dumps({k: v for k, v in GOOD.items() if k != "world"}), "world: Field required"),
+    (json.dumps({**GOOD, "world": {**GOOD["world"], "worldSize": 0}}), "world.worldSize"),
 ])
 def test_invalid_results(message, expected):
     with pytest.raises(InvalidResult, match=expected):

@@ -4,9 +4,11 @@ from datetime import datetime, timezone
 from factories import make_job, with_status
 
 from finetune_operator import status
+from finetune_trainer.result import World
 
 RESULT = {"files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10}},
-          "metrics": {"trainLoss": 0.5, "evalLoss": 0.7, "initialEvalLoss": 3.0, "steps": 9, "tokens": 99}}
+          "metrics": {"trainLoss": 0.5, "evalLoss": 0.7, "initialEvalLoss": 3.0, "steps": 9, "tokens": 99},
+          "world": {"worldSize": 1, "nodes": 1, "processesPerNode": 1}}
 
 
 def job(conditions=(), **status_fields):
@@ -61,6 +63,48 @@ def test_complete_without_result_fails():
 
 def test_complete_with_pods_gone_fails():
     assert status.observe(make_job(), job([("Complete", {})]), []).reason == "NoResult"
+
+
+def world(world_size, nodes, per_node):
+    return World(world_size=world_size, nodes=nodes, processes_per_node=per_node)
+
+
+def test_the_world_asked_for_is_nodes_times_processes_per_node():
+    assert status.asked_world(make_job()) == world(1, 1, 1)
+    # Processes per node come from acceleratorsPerNode; a CPU job runs one process per node.
+    gpus = make_job(distributed={"nodes": 2}, resources={"accelerator": "nvidia.com/gpu", "acceleratorsPerNode": 4},
+                    training={"globalBatchSize": 32})
+    assert status.asked_world(gpus) == world(8, 2, 4)
+    cpu = make_job(distributed={"nodes": 2}, resources={"accelerator": "none", "acceleratorsPerNode": 4},
+                   training={"globalBatchSize": 32})
+    assert status.asked_world(cpu) == world(2, 2, 1)
+
+
+def test_a_world_is_checked_on_every_number():
+    two_nodes = make_job(distributed={"nodes": 2}, resources={"accelerator": "nvidia.com/gpu", "acceleratorsPerNode": 2},
+                         training={"globalBatchSize": 32})
+    assert status.world_mismatch(two_nodes, world(4, 2, 2)) is None
+    for joined in (world(1, 1, 1), world(2, 1, 2), world(4, 1, 4), world(4, 4, 1), world(2, 2, 1), world(3, 2, 2)):
+        assert status.world_mismatch(two_nodes, joined), joined
+    assert status.world_mismatch(make_job(distributed={"nodes": 2}, training={"globalBatchSize": 32}),
+                                 world(1, 1, 1)) == (
+        "trainer joined world size 1 on 1 node(s) x 1; the job asked for 2 node(s) x 1 = 2; no Model was published")
+
+
+def test_a_trainer_that_joined_the_wrong_world_fails_the_job():
+    # Two pods that each trained their own copy: both exit 0 with a result of world size 1.
+    ftj = make_job(distributed={"nodes": 2}, training={"globalBatchSize": 32})
+    pods = [pod("Succeeded", "0", 0, json.dumps(RESULT), name="a"), pod("Succeeded", "1", 0, json.dumps(RESULT), name="b")]
+    obs = status.observe(ftj, job([("Complete", {})], completionTime="t"), pods)
+    assert (obs.phase, obs.reason) == ("Failed", "WorldSizeMismatch") and obs.result is None
+    assert "trainer joined world size 1 on 1 node(s) x 1; the job asked for 2 node(s) x 1 = 2" in obs.message
+    assert obs.completion_time == "t"
+    patch = status.status_patch(obs, ftj, "demo-trainer")
+    assert patch["phase"] == "Failed" and "model" not in patch
+    right = {**RESULT, "world": {"worldSize": 2, "nodes": 2, "processesPerNode": 1}}
+    pods[0] = pod("Succeeded", "0", 0, json.dumps(right), name="a")
+    obs = status.observe(ftj, job([("Complete", {})], completionTime="t"), pods)
+    assert obs.phase == "Succeeded" and obs.result.world == world(2, 2, 1)
 
 
 def test_failed_job_carries_the_pod_failure():

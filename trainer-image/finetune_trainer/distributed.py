@@ -3,6 +3,11 @@
 Rank and world size come from the environment torchrun sets (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A plain `finetune-trainer` without torchrun runs as
 a group of one, so every code path is the same distributed path.
+
+The world the trainer reports (`World`: world size, nodes, processes per node) is measured, not
+read back from its config or launcher flags: after init every process all-gathers its node
+(torchrun's GROUP_RANK and the host name) over the process group, so a pod that joined a group of
+one counts one node and one process, whatever it was told to expect.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from finetune_trainer.result import World
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +31,7 @@ class Distributed:
     local_rank: int
     world_size: int
     device: torch.device
+    world: World  # the group as measured after init (measure_world)
 
     @property
     def is_main(self) -> bool:
@@ -72,9 +81,31 @@ def setup() -> Distributed:
     if device.type == "cpu":
         _skip_unbuilt_shm_allreduce(deepspeed)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    world = measure_world()
+    logger.info("joined %s", world.describe())
     return Distributed(
-        rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device
+        rank=dist.get_rank(), local_rank=local_rank, world_size=world.world_size, device=device, world=world
     )
+
+
+def _node_key() -> tuple[str, str]:
+    """This process's node: torchrun's node rank (GROUP_RANK) and the host (a pod's name)."""
+    return os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")), socket.gethostname()
+
+
+def measure_world() -> World:
+    """The process group as it is: every process all-gathers its node, and the nodes and the
+    processes on each are counted from what came back (one collective, at start)."""
+    world_size = dist.get_world_size()
+    keys: list = [None] * world_size
+    dist.all_gather_object(keys, _node_key())
+    per_node = Counter(tuple(key) for key in keys)
+    processes_per_node = max(per_node.values())
+    announced = int(os.environ.get("LOCAL_WORLD_SIZE", processes_per_node))
+    if announced != processes_per_node or len(set(per_node.values())) > 1:
+        logger.warning("LOCAL_WORLD_SIZE is %d but the process group holds %s process(es) per node",
+                       announced, sorted(per_node.values()))
+    return World(world_size=world_size, nodes=len(per_node), processes_per_node=processes_per_node)
 
 
 def barrier() -> None:

@@ -24,7 +24,7 @@ from finetune_trainer.config import (
     SourceJobRef,
     TrainingConfig,
 )
-from finetune_trainer.result import WEIGHT_FILES, FileDigest, TrainerResult
+from finetune_trainer.result import WEIGHT_FILES, FileDigest, TrainerResult, World
 from finetune_trainer.run_plan import RunPlan
 
 GROUP = "finetune.ai"
@@ -57,6 +57,10 @@ class ModelSpec(ContractModel):
     training: TrainingConfig = Field(description="The hyperparameters as trained.")
     dataset: DatasetRef = Field(description="The data as trained.")
     source_job: SourceJobRef = Field(description="The job that produced the weights.")
+    world: World | None = Field(
+        default=None, description="The process group the trainer joined, as it measured it (checked by the operator "
+        "against the job's distributed.nodes x processes per node before the Model was published).",
+    )
     run_plan: RunPlan | None = Field(default=None, description="How the trainer ran: kernels, memory plan, DeepSpeed config.")
 
 
@@ -84,6 +88,7 @@ def model_spec(publish: PublishConfig, method: MethodConfig, training: TrainingC
         training=training,
         dataset=publish.dataset,
         source_job=publish.source_job,
+        world=result.world,
         run_plan=result.run_plan,
     )
 

@@ -21,7 +21,7 @@ from finetune_trainer.config import JobConfig
 from finetune_trainer.data import sha256_of_file
 from finetune_trainer.model_manifest import render_model
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE, TERMINATION_MESSAGE_LIMIT
-from finetune_trainer.result import ResultMetrics, TrainerResult, termination_message
+from finetune_trainer.result import ResultMetrics, TrainerResult, World, termination_message
 from finetune_trainer.run_plan import RunPlan
 
 
@@ -98,7 +98,7 @@ def _write_atomically(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics: dict[str, Any],
+def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics: dict[str, Any], world: World,
                   run_plan: RunPlan | None = None) -> dict[str, Any]:
     """Write model.yaml (when the operator gave a publish section) and then result.json."""
     if config.publish is not None:
@@ -106,20 +106,21 @@ def write_results(config: JobConfig, output_dir: Path, names: list[str], metrics
 
         # model.yaml cannot list its own digest, so the manifest is rendered from the files
         # written so far, which are exactly the files a Model lists (TrainerResult.model_files).
-        provisional = _result(output_dir, names, metrics, run_plan)
+        provisional = _result(output_dir, names, metrics, world, run_plan)
         manifest = render_model(config.publish, config.method, config.training, provisional)
         _write_atomically(output_dir / MODEL_MANIFEST_FILE, yaml.safe_dump(manifest, sort_keys=False))
         names = [*names, MODEL_MANIFEST_FILE]
-    result = _result(output_dir, names, metrics, run_plan)
+    result = _result(output_dir, names, metrics, world, run_plan)
     _write_atomically(output_dir / RESULT_FILE, json.dumps(result.to_wire(), indent=2))
     if config.reporting.termination_message_path:
         write_termination_message(config.reporting.termination_message_path, termination_message(result))
     return result.to_wire()
 
 
-def _result(output_dir: Path, names: list[str], metrics: dict[str, Any], run_plan: RunPlan | None) -> TrainerResult:
+def _result(output_dir: Path, names: list[str], metrics: dict[str, Any], world: World,
+            run_plan: RunPlan | None) -> TrainerResult:
     return TrainerResult(files=describe_files(output_dir, names), metrics=ResultMetrics.model_validate(metrics),
-                         run_plan=run_plan)
+                         world=world, run_plan=run_plan)
 
 
 def write_termination_message(path: str, message: str) -> None:

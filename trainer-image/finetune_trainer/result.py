@@ -7,12 +7,18 @@ into `TrainerResult`; exit 0 without one is a failure.
 
   {"files": {"adapter_model.safetensors": {"sha256": "...", "size": 123}, ...},
    "metrics": {"trainLoss": ..., "evalLoss": ..., "initialEvalLoss": ..., "steps": ..., "tokens": ...},
+   "world": {"worldSize": 2, "nodes": 1, "processesPerNode": 2},
    "runPlan": {...}}
 
 "files" lists every output file except result.json itself (checkpoints are not outputs). A
 message that would be too long keeps only the weights file; "filesOmitted" says how many entries
 were dropped and "omittedBytes" their size, so the Model's size stays right. result.json always
 lists them all.
+
+"world" is the process group the trainer actually joined, as torch.distributed saw it after
+init, never copied from its config: the operator compares it with what the FineTuneJob asked for
+(a launcher that ignores torchrun's environment trains one world-size-1 copy per pod, and each
+"succeeds").
 """
 
 from __future__ import annotations
@@ -62,11 +68,26 @@ class ResultMetrics(ContractModel):
         return value
 
 
+class World(ContractModel):
+    """The process group the trainer joined, as torch.distributed reported it after init."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    world_size: int = Field(ge=1, description="Trainer processes in the process group (torch.distributed's world size).")
+    nodes: int = Field(ge=1, description="Distinct nodes among them (node ranks gathered from every process).")
+    processes_per_node: int = Field(ge=1, description="Processes on each node (the most on any one node).")
+
+    def describe(self) -> str:
+        return f"world size {self.world_size} on {self.nodes} node(s) x {self.processes_per_node}"
+
+
 class TrainerResult(ContractModel):
     model_config = ConfigDict(extra="ignore")
 
     files: dict[str, FileDigest] = Field(min_length=1)
     metrics: ResultMetrics
+    # Required: a result that does not say which world trained it cannot be checked, so it is invalid.
+    world: World
     run_plan: RunPlan | None = None
     files_omitted: int = Field(default=0, ge=0)
     omitted_bytes: int = Field(default=0, ge=0)

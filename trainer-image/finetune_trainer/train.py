@@ -234,7 +234,7 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
                 "tokens": state["tokensSeen"],
                 "skippedLines": skipped_lines,
             }
-            outputs.write_results(config, output_dir, names, metrics, run_plan=plan)
+            outputs.write_results(config, output_dir, names, metrics, dist.world, run_plan=plan)
             reporter.emit({"event": "finished", "step": step, "metrics": metrics})
             log.info("done: %s", metrics)
         distributed.barrier()
