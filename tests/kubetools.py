@@ -155,8 +155,9 @@ class ProcessNode:
     as local processes, logging under the test's directory."""
 
     def __init__(self, kubeconfig: str, root: Path, prefix: str, args: list[str] | None = None,
-                 taint_key: str | None = None) -> None:
+                 taint_key: str | None = None, env: dict[str, str] | None = None) -> None:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        self.env = env or {}   # more environment for the node, which its containers inherit
         self.taint_key = taint_key
         self.kubeconfig = kubeconfig
         self.state_dir = root / "state"
@@ -166,7 +167,7 @@ class ProcessNode:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ProcessNode":
-        env = {**os.environ, "PYTHONPATH": str(REPO / "hack")}
+        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO / "hack")}
         env.pop("KUBECONFIG", None)  # the node uses --kubeconfig, nothing else
         cmd = [sys.executable, "-m", "process_node", "--kubeconfig", self.kubeconfig, "--node-name", self.name,
                "--state-dir", str(self.state_dir), "--log-file", str(self.log_path), *self.args]
