@@ -83,6 +83,30 @@ class Kubectl:
         return self(*args, check=check)
 
 
+def dns_a(name: str, server: str = CLUSTER_DNS, timeout: float = 2.0) -> tuple[int, list[str]]:
+    """One A query over UDP: (rcode, addresses). Straight to `server`, bypassing this machine's
+    resolver, so it asks the cluster DNS and nothing else."""
+    query_id = uuid.uuid4().int & 0xFFFF
+    question = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".")) + b"\0"
+    packet = query_id.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question + b"\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, (server, 53))
+        reply = s.recv(4096)
+    rcode, answers = reply[3] & 0x0F, int.from_bytes(reply[6:8], "big")
+    pos = 12 + len(question) + 4
+    addresses = []
+    for _ in range(answers):
+        while reply[pos] and reply[pos] & 0xC0 != 0xC0:   # the owner name: labels, or a pointer
+            pos += reply[pos] + 1
+        pos += 2 if reply[pos] & 0xC0 == 0xC0 else 1
+        rtype, length = int.from_bytes(reply[pos:pos + 2], "big"), int.from_bytes(reply[pos + 8:pos + 10], "big")
+        if rtype == 1 and length == 4:
+            addresses.append(".".join(str(b) for b in reply[pos + 10:pos + 14]))
+        pos += 10 + length
+    return rcode, addresses
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

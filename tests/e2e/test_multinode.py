@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetools import CLUSTER_DNS, REPO, Kubectl, OperatorProcess, ProcessNode, wait_for
+from kubetools import CLUSTER_DNS, REPO, Kubectl, OperatorProcess, ProcessNode, dns_a, wait_for
 from conftest import volume_dirs
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,10 @@ COREDNS_LOG = REPO / ".cluster" / "logs" / "coredns.log"
 def nodes(kubeconfig: str, namespace: str, claims, tmp_path: Path, request):
     """Two process nodes, one CPU each (so the scheduler puts one trainer pod on each), tainted and
     labelled for this test only."""
+    try:
+        assert dns_a("kubernetes.default.svc.cluster.local")[1], "no answer"
+    except (OSError, AssertionError) as exc:
+        pytest.fail(f"no cluster DNS at {CLUSTER_DNS} ({exc}): `hack/cluster.sh up` starts CoreDNS")
     data, models = volume_dirs(kubeconfig, namespace)
     shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data)
     started = []
@@ -88,9 +92,16 @@ def job(name: str, namespace: str, nodes: int, **spec) -> dict:
     return manifest
 
 
-def phase(kubectl: Kubectl, name: str, *phases: str, timeout: float = 240) -> dict:
-    return wait_for(lambda: (f := kubectl.get("ftj", name)) and f.get("status", {}).get("phase") in phases and f,
-                    timeout, interval=1, what=f"{name} to reach {' or '.join(phases)}")
+def phase(kubectl: Kubectl, name: str, *phases: str, timeout: float = 240, nodes: list | None = None) -> dict:
+    try:
+        return wait_for(lambda: (f := kubectl.get("ftj", name)) and f.get("status", {}).get("phase") in phases and f,
+                        timeout, interval=1, what=f"{name} to reach {' or '.join(phases)}")
+    except AssertionError as exc:
+        # Say why, when it is the rendezvous: torchrun retries a name it cannot resolve until its timeout.
+        unresolved = sorted({line.split("]", 1)[-1].strip() for node in nodes or []
+                             for line in node.container_log(kubectl.namespace or "", name).splitlines()
+                             if "cannot be retrieved" in line or "name resolution" in line})
+        raise AssertionError(f"{exc}; rendezvous name lookups failing: {unresolved[-3:]}" if unresolved else str(exc)) from None
 
 
 def trainer_pods(kubectl: Kubectl, name: str) -> list[dict]:
@@ -156,7 +167,7 @@ def operator(kubeconfig: str, namespace: str, tmp_path: Path, request):
 def test_two_nodes_rendezvous_through_cluster_dns_and_train_like_one(kubectl, namespace, nodes, operator) -> None:
     dns_log_start = COREDNS_LOG.stat().st_size if COREDNS_LOG.exists() else 0
     kubectl.apply(job("mn2", namespace, 2))
-    ftj = phase(kubectl, "mn2", "Succeeded", "Failed")
+    ftj = phase(kubectl, "mn2", "Succeeded", "Failed", nodes=nodes)
     assert ftj["status"]["phase"] == "Succeeded", json.dumps(ftj["status"], indent=1)
     pods = trainer_pods(kubectl, "mn2")
     assert {p["spec"]["nodeName"] for p in pods} == {n.name for n in nodes}, "one pod per node"
@@ -197,6 +208,11 @@ def test_a_dead_peer_restarts_the_attempt_which_resumes_from_the_checkpoint(kube
     wait_for(lambda: list(checkpoints.glob("step-*")), 240, interval=0.5, what="the first checkpoint")
     first = trainer_pods(kubectl, "mnkill")
     assert len(first) == 2 and all(p["status"].get("phase") == "Running" for p in first), first
+    # While they run, the cluster DNS gives each rank's name its pod IP (its node's).
+    for p in first:
+        fqdn = f"{p['spec']['hostname']}.mnkill-trainer.{namespace}.svc.cluster.local"
+        assert dns_a(fqdn) == (0, [p["status"]["podIP"]]), fqdn
+    assert {p["status"]["podIP"] for p in first} == set(NODE_IPS)
     # Only rank 0 serves the rendezvous port.
     rank0, rank1 = (descendants(container_pid(p)) for p in first)
     serving = listeners(29500)
@@ -210,7 +226,7 @@ def test_a_dead_peer_restarts_the_attempt_which_resumes_from_the_checkpoint(kube
         os.kill(pid, signal.SIGKILL)
     killed_at = max(int(p.name.removeprefix("step-")) for p in checkpoints.glob("step-*"))
 
-    ftj = phase(kubectl, "mnkill", "Succeeded", "Failed", timeout=300)
+    ftj = phase(kubectl, "mnkill", "Succeeded", "Failed", timeout=300, nodes=nodes)
     assert ftj["status"]["phase"] == "Succeeded", json.dumps(ftj["status"], indent=1)
     final = trainer_pods(kubectl, "mnkill")
     first_uids = {p["metadata"]["uid"] for p in first}
