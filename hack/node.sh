@@ -134,7 +134,7 @@ EOF
 
 # A running kubelet started from another configuration (e.g. before cluster DNS existed).
 kubelet_config_changed() {
-  [ -f "$NODE_DIR/kubelet.yaml" ] && [ -f "$PKI/tokens.csv" ] || return 1
+  [ -f "$NODE_DIR/kubelet.yaml" ] || return 1
   ! cmp -s <(kubelet_yaml) "$NODE_DIR/kubelet.yaml"
 }
 

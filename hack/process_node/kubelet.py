@@ -104,11 +104,15 @@ class Kubelet:
         uid = pod["metadata"]["uid"]
         worker = self.workers.get(uid)
         if worker is None:
-            worker = self.workers[uid] = PodWorker(pod, self.kube, self.config, self._env)
+            worker = self.workers[uid] = PodWorker(pod, self.kube, self.config, self._env, self._admitted_pods)
             worker.task = asyncio.create_task(worker.run(), name=f"pod {worker.name}")
             log.info("pod %s bound here", worker.name)
         else:
             worker.update(pod)
+
+    def _admitted_pods(self) -> list[Obj]:
+        """Pods admitted here whose container has not ended (the kubelet's active pods)."""
+        return [w.pod for w in self.workers.values() if w.admitted and not w.finished]
 
     def _forget(self, uid: str) -> None:
         """The pod object is gone (force-deleted, or deleted by us): kill anything left at once."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from typing import Any
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from process_node import dns, envvars, podstatus, volumes
@@ -58,9 +58,33 @@ def admit(pod: Obj) -> Obj:
     return containers[0]
 
 
+def host_ports(pod: Obj) -> set[tuple[str, str, int]]:
+    """(protocol, hostIP, hostPort) of the pod's ports that claim a port of the node: those with a
+    hostPort, which the API server sets to the containerPort for every port of a hostNetwork pod."""
+    return {(p.get("protocol") or "TCP", p.get("hostIP") or "0.0.0.0", int(p["hostPort"]))
+            for c in (pod.get("spec") or {}).get("containers") or [] for p in c.get("ports") or [] if p.get("hostPort")}
+
+
+def port_conflict(pod: Obj, others: Iterable[Obj]) -> str | None:
+    """The kubelet's NodePorts admission check (the scheduler's, for pods bound by nodeName): a
+    host port already taken by a pod running here, on the same protocol and an overlapping hostIP."""
+    wanted = host_ports(pod)
+    if not wanted:
+        return None
+    taken = set().union(*(host_ports(o) for o in others))
+    for proto, ip, port in wanted:
+        if any(p == proto and n == port and (i == ip or "0.0.0.0" in (i, ip)) for p, i, n in taken):
+            return ("Pod was rejected: Predicate NodePorts failed: node(s) didn't have free ports for the requested "
+                    f"pod ports ({proto} {ip}:{port} is taken)")
+    return None
+
+
 class PodWorker:
-    def __init__(self, pod: Obj, kube: Kube, config: Config, base_env: dict[str, str]) -> None:
+    def __init__(self, pod: Obj, kube: Kube, config: Config, base_env: dict[str, str],
+                 peers: Callable[[], Iterable[Obj]] = tuple) -> None:
         self.pod = pod
+        self.peers = peers            # the pods admitted on this node and not finished
+        self.admitted = False
         self.uid: str = pod["metadata"]["uid"]
         self.kube, self.config, self.base_env = kube, config, base_env
         self._changed = asyncio.Event()
@@ -82,6 +106,10 @@ class PodWorker:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.alive
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
 
     @property
     def deleting(self) -> bool:
@@ -131,6 +159,12 @@ class PodWorker:
             log.info("pod %s rejected: %s", self.name, exc)
             await self._report(podstatus.rejected(self.pod, self.config.node_ip, "UnsupportedByProcessNode", str(exc)))
             return
+        conflict = port_conflict(self.pod, self.peers())
+        if conflict:
+            log.info("pod %s rejected: %s", self.name, conflict)
+            await self._report(podstatus.rejected(self.pod, self.config.node_ip, "NodePorts", conflict))
+            return
+        self.admitted = True   # no await since the check: two pods can never both take a port
         spec = await self._prepare(container)
         if spec is None:
             return

@@ -312,3 +312,21 @@ def test_pod_names_resolve_through_cluster_dns(process_node, kubectl: Kubectl, n
     assert out["kubernetes"] == [kubernetes_ip]
     assert isinstance(out["outside"], str), "names outside the cluster must not resolve"
     assert {p: Path(p).read_text() for p in host_files} == host_files
+
+
+def test_host_ports_admit_one_pod_at_a_time(process_node, kubectl: Kubectl) -> None:
+    """Like the kubelet's NodePorts admission (the scheduler's check, for pods bound by nodeName):
+    a second hostNetwork pod with the same port is rejected while the first runs."""
+    def hostnet(name: str) -> dict:
+        manifest = pod(name, process_node.name, "import time; time.sleep(30)",
+                       ports=[{"name": "metrics", "containerPort": 19090}])
+        manifest["spec"]["hostNetwork"] = True
+        return manifest
+    kubectl.create(hostnet("first"))
+    wait_for(lambda: kubectl.get("pod", "first")["status"].get("phase") == "Running", 30, what="the first pod to run")
+    kubectl.create(hostnet("second"))
+    status = terminated(kubectl, "second")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "NodePorts", status
+    assert "TCP 0.0.0.0:19090 is taken" in status["message"]
+    assert kubectl.get("pod", "first")["status"]["phase"] == "Running"
+    kubectl("delete", "pod", "first", "--wait=false")

@@ -156,3 +156,21 @@ def test_service_env_and_restart_rules() -> None:
     cs = status["containerStatuses"][0]
     assert status["phase"] == "Running" and cs["restartCount"] == 2 and cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
     assert cs["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_host_ports_are_admitted_once_per_node() -> None:
+    def with_ports(*ports: dict, host_network: bool = False) -> dict:
+        return {"metadata": {"name": "x", "namespace": "ns"},
+                "spec": {"hostNetwork": host_network, "containers": [{"name": "c", "ports": list(ports)}]}}
+    # What the API server stores for a hostNetwork pod: hostPort = containerPort.
+    trainer = with_ports({"containerPort": 9090, "hostPort": 9090, "name": "metrics"}, host_network=True)
+    assert worker.host_ports(trainer) == {("TCP", "0.0.0.0", 9090)}
+    assert worker.port_conflict(trainer, []) is None
+    assert "NodePorts" in worker.port_conflict(trainer, [trainer])
+    # Ports without a hostPort (a pod with its own IP) take nothing of the node's.
+    assert worker.port_conflict(with_ports({"containerPort": 9090}), [with_ports({"containerPort": 9090})]) is None
+    udp = with_ports({"containerPort": 9090, "hostPort": 9090, "protocol": "UDP"})
+    assert worker.port_conflict(udp, [trainer]) is None
+    on_ip = with_ports({"containerPort": 80, "hostPort": 8080, "hostIP": "127.0.0.2"})
+    assert worker.port_conflict(with_ports({"containerPort": 80, "hostPort": 8080, "hostIP": "127.0.0.3"}), [on_ip]) is None
+    assert worker.port_conflict(with_ports({"containerPort": 80, "hostPort": 8080}), [on_ip])
