@@ -200,7 +200,14 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
                            start_time=start_time)
 
     running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
-    if running and len(running) >= ftj.spec.distributed.nodes:
+    finished = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
+    # A pod that finished has run: between the trainer's exit and the Job controller's Complete
+    # condition (and while one rank exits before another) the job is still Running, never
+    # back to Pending.
+    if (running or finished) and len(running) + len(finished) >= ftj.spec.distributed.nodes:
+        if not running:
+            return Observation("Running", "TrainerFinished", "the trainer finished; waiting for its Job to complete",
+                               running=True, start_time=start_time)
         retries = status.get("failed", 0)
         message = f"{len(running)} trainer pod(s) running"
         if retries:

@@ -46,6 +46,18 @@ def test_running_needs_every_node():
     assert status.observe(ftj, job(active=2), [pod("Running"), pod("Running", "1")]).phase == "Running"
 
 
+def test_a_trainer_that_finished_before_its_job_completes_is_still_running():
+    """The trainer pod has exited 0 but the Job controller has not yet marked the Job Complete:
+    the phase stays Running (it went back to Pending here once, seen in the GPU e2e record)."""
+    done = pod("Succeeded", exit_code=0, message=json.dumps(RESULT))
+    obs = status.observe(make_job(), job(active=0, succeeded=1), [done])
+    assert (obs.phase, obs.reason) == ("Running", "TrainerFinished")
+    ftj = make_job(distributed={"nodes": 2}, resources={"acceleratorsPerNode": 1}, training={"globalBatchSize": 32})
+    rank1_done = pod("Succeeded", "1", exit_code=0, name="demo-trainer-1-abc")
+    assert status.observe(ftj, job(active=1), [pod("Running"), rank1_done]).phase == "Running"
+    assert status.observe(ftj, job(active=1), [rank1_done]).phase == "Pending"  # rank 0 not started yet
+
+
 def test_complete_with_result_succeeds():
     obs = status.observe(make_job(), job([("Complete", {})], completionTime="t"), [pod("Succeeded", exit_code=0, message=json.dumps(RESULT))])
     assert obs.phase == "Succeeded" and obs.result.metrics.steps == 9 and "eval loss 0.7" in obs.message
