@@ -355,7 +355,8 @@ def main() -> int:
                 "--volume", f"data={data}", "--volume", f"models={models}",
                 "--cpu", str(os.cpu_count()), "--memory", "120Gi"]
     if a.accelerator != "none":
-        node_cmd += ["--resource", f"{a.accelerator}={a.gpus}"]
+        # The machine's GPUs, handed to the trainer pod as a device plugin would (its share only).
+        node_cmd += ["--device", f"{a.accelerator}={','.join(str(i) for i in range(a.gpus))}"]
     metrics_port, health_port, progress_port = a.operator_ports.split(",")
     operator_env = {**os.environ, "KUBECONFIG": a.kubeconfig, "FINETUNE_METRICS_PORT": metrics_port,
                     "FINETUNE_HEALTH_PORT": health_port, "FINETUNE_PROGRESS_PORT": progress_port,

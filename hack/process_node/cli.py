@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from process_node import devices
 from process_node.config import Config, Taint
 from process_node.kube import Kube
 from process_node.kubelet import Kubelet
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, int | None]
     p.add_argument("--pods", default="10")
     p.add_argument("--resource", action="append", type=_pair, default=[], metavar="NAME=QTY",
                    help="extra capacity, e.g. nvidia.com/gpu=1 (repeatable)")
+    p.add_argument("--device", action="append", type=devices.parse, default=[], metavar="NAME=ID[,ID...]",
+                   help="devices this node owns and hands out one container at a time, e.g. nvidia.com/gpu=0,1; "
+                        "the node advertises their count (repeatable)")
     p.add_argument("--label", action="append", type=_pair, default=[], metavar="KEY=VALUE")
     p.add_argument("--taint", action="append", type=Taint.parse, default=[], metavar="KEY[=VALUE]:EFFECT")
     p.add_argument("--node-ip", default="127.0.0.1", help="the node's and every pod's IP (must be loopback)")
@@ -67,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, int | None]
         node_name=a.node_name, kubeconfig=a.kubeconfig, state_dir=a.state_dir.resolve(),
         volumes_root=a.volumes_root.resolve() if a.volumes_root else None,
         claim_dirs={k: Path(v).resolve() for k, v in a.volume},
-        capacity={"cpu": a.cpu, "memory": a.memory, "pods": a.pods, **dict(a.resource)},
+        capacity={"cpu": a.cpu, "memory": a.memory, "pods": a.pods, **dict(a.resource),
+                  **{name: str(len(ids)) for name, ids in a.device}},
+        devices=dict(a.device),
         labels=dict(a.label), taints=tuple(a.taint), node_ip=a.node_ip,
         cluster_dns=cluster_dns, cluster_domain=a.cluster_domain.strip("."),
         heartbeat_seconds=a.heartbeat_seconds, shutdown_grace_seconds=a.shutdown_grace_seconds,

@@ -33,6 +33,7 @@ class Config:
     state_dir: Path = Path(".process-node")
     volumes_root: Path | None = None          # default: state_dir / "volumes"
     claim_dirs: dict[str, Path] = field(default_factory=dict)   # --volume CLAIM=DIR
+    devices: dict[str, tuple[str, ...]] = field(default_factory=dict)   # --device NAME=ID,... (devices.py)
     capacity: dict[str, str] = field(default_factory=lambda: {"cpu": "4", "memory": "16Gi", "pods": "10"})
     labels: dict[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()

@@ -12,6 +12,7 @@ from typing import Any
 from process_node.config import Config
 from process_node.kube import Kube
 from process_node.logserver import LogServer
+from process_node.devices import Devices
 from process_node.node import NodeAgent
 from process_node.worker import PodWorker
 
@@ -37,6 +38,7 @@ class Kubelet:
         self.node = NodeAgent(kube, config)
         self.workers: dict[str, PodWorker] = {}
         self._env = base_env()
+        self.devices = Devices(config.devices)
         self.logs = LogServer(self.log_path, self.running)
 
     async def run(self) -> None:
@@ -104,7 +106,8 @@ class Kubelet:
         uid = pod["metadata"]["uid"]
         worker = self.workers.get(uid)
         if worker is None:
-            worker = self.workers[uid] = PodWorker(pod, self.kube, self.config, self._env, self._admitted_pods)
+            worker = self.workers[uid] = PodWorker(pod, self.kube, self.config, self._env, self._admitted_pods,
+                                                   self.devices)
             worker.task = asyncio.create_task(worker.run(), name=f"pod {worker.name}")
             log.info("pod %s bound here", worker.name)
         else:

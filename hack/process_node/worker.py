@@ -8,7 +8,7 @@ import shutil
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
-from process_node import dns, envvars, podstatus, volumes
+from process_node import devices as devices_, dns, envvars, podstatus, volumes
 from process_node.config import Config
 from process_node.kube import Conflict, Kube, NotFound, pod_path
 from process_node.runtime import LaunchSpec, Mount, Process
@@ -81,9 +81,11 @@ def port_conflict(pod: Obj, others: Iterable[Obj]) -> str | None:
 
 class PodWorker:
     def __init__(self, pod: Obj, kube: Kube, config: Config, base_env: dict[str, str],
-                 peers: Callable[[], Iterable[Obj]] = tuple) -> None:
+                 peers: Callable[[], Iterable[Obj]] = tuple, devices: devices_.Devices | None = None) -> None:
         self.pod = pod
         self.peers = peers            # the pods admitted on this node and not finished
+        self.devices = devices if devices is not None else devices_.Devices()   # shared by the node's pods
+        self.device_env: dict[str, str] = {}
         self.admitted = False
         self.uid: str = pod["metadata"]["uid"]
         self.kube, self.config, self.base_env = kube, config, base_env
@@ -128,6 +130,7 @@ class PodWorker:
         except Exception:  # noqa: BLE001 - one pod's bug must not take the node down
             log.exception("pod %s: worker failed; the pod is left to deletion", self.name)
         self._finished.set()
+        self.devices.release(self.uid)
         try:
             await self._wait_deletion()
             await self._delete()
@@ -164,7 +167,13 @@ class PodWorker:
             log.info("pod %s rejected: %s", self.name, conflict)
             await self._report(podstatus.rejected(self.pod, self.config.node_ip, "NodePorts", conflict))
             return
-        self.admitted = True   # no await since the check: two pods can never both take a port
+        try:
+            self.device_env = self.devices.allocate(self.uid, container)
+        except devices_.DeviceError as exc:
+            log.info("pod %s rejected: %s", self.name, exc)
+            await self._report(podstatus.rejected(self.pod, self.config.node_ip, "UnexpectedAdmissionError", str(exc)))
+            return
+        self.admitted = True   # no await since the checks: two pods never share a port or a device
         spec = await self._prepare(container)
         if spec is None:
             return
@@ -295,7 +304,9 @@ class PodWorker:
             path.chmod(0o644)
             mounts.append(Mount(path, target))
         env_vars = await envvars.resolve(self.pod, container, self._fetch, self.config.node_ip)
-        env = {**self.base_env, "HOSTNAME": names.env_hostname, **service_env(self.kube.server), **env_vars}
+        # The devices' variables come last: a container cannot widen its share of the node's GPUs.
+        env = {**self.base_env, "HOSTNAME": names.env_hostname, **service_env(self.kube.server), **env_vars,
+               **self.device_env}
         name = container["name"]
         policy = container.get("terminationMessagePolicy", "File")
         return LaunchSpec(

@@ -19,7 +19,9 @@ def process_node(kubeconfig: str, tmp_path: Path, request):
     data_dir = tmp_path / "data"  # where PVC `data` lives
     node = ProcessNode(kubeconfig, tmp_path, "pn", ["--volume", f"data={data_dir}", "--heartbeat-seconds", "2",
                                                     "--shutdown-grace-seconds", "2", "--restart-backoff-seconds", "1",
-                                                    "--cluster-dns", CLUSTER_DNS])
+                                                    "--cluster-dns", CLUSTER_DNS,
+                                                    # two GPUs that exist only by name: handed out, never opened
+                                                    "--device", "nvidia.com/gpu=3,5"])
     node.data_dir = data_dir
     node.start()
     yield node

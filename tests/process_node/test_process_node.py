@@ -330,3 +330,39 @@ def test_host_ports_admit_one_pod_at_a_time(process_node, kubectl: Kubectl) -> N
     assert "TCP 0.0.0.0:19090 is taken" in status["message"]
     assert kubectl.get("pod", "first")["status"]["phase"] == "Running"
     kubectl("delete", "pod", "first", "--wait=false")
+
+
+def test_each_container_sees_only_the_devices_it_was_given(process_node, kubectl: Kubectl) -> None:
+    """`--device nvidia.com/gpu=3,5`: the node advertises two GPUs and gives each container that
+    asks for one its own, by CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES, as a device plugin
+    would; a pod asking for more than is free is rejected at admission; a finished pod's device
+    is free again."""
+    node = kubectl.get("node", process_node.name)
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "2"
+    script = """
+        import os, time
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES", "-") + "/" + os.environ.get("NVIDIA_VISIBLE_DEVICES", "-")
+        open("/dev/termination-log", "w").write(seen)
+        time.sleep(float(os.environ["HOLD"]))
+    """
+    def gpu_pod(name: str, hold: float, gpus: int = 1) -> dict:
+        limits = {"nvidia.com/gpu": str(gpus)}
+        return pod(name, process_node.name, script, env=[{"name": "HOLD", "value": str(hold)},
+                                                          {"name": "CUDA_VISIBLE_DEVICES", "value": "0,1,2,3,4,5"}],
+                   resources={"requests": limits, "limits": limits})
+    kubectl.create(gpu_pod("gpu-a", 8))
+    kubectl.create(gpu_pod("gpu-b", 8))
+    for name in ("gpu-a", "gpu-b"):
+        wait_for(lambda: kubectl.get("pod", name)["status"].get("phase") == "Running", 30, what=f"{name} to run")
+    kubectl.create(gpu_pod("gpu-c", 0))
+    rejected = terminated(kubectl, "gpu-c")["status"]
+    assert rejected["phase"] == "Failed" and rejected["reason"] == "UnexpectedAdmissionError", rejected
+    assert "nvidia.com/gpu: 1 requested, 0 of 2 free" in rejected["message"]
+    seen = {name: terminated(kubectl, name)["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+            for name in ("gpu-a", "gpu-b")}
+    # Each its own, and the pod's own CUDA_VISIBLE_DEVICES cannot widen it.
+    assert sorted(seen.values()) == ["3/3", "5/5"], seen
+    kubectl.create(gpu_pod("gpu-d", 0, gpus=2))
+    after = terminated(kubectl, "gpu-d")["status"]
+    assert after["phase"] == "Succeeded", after
+    assert after["containerStatuses"][0]["state"]["terminated"]["message"] == "3,5/3,5"

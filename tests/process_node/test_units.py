@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from process_node import envvars, podstatus, volumes, worker
+from process_node import devices, envvars, podstatus, volumes, worker
 from process_node.runtime import tail
 
 POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"},
@@ -174,3 +174,24 @@ def test_host_ports_are_admitted_once_per_node() -> None:
     on_ip = with_ports({"containerPort": 80, "hostPort": 8080, "hostIP": "127.0.0.2"})
     assert worker.port_conflict(with_ports({"containerPort": 80, "hostPort": 8080, "hostIP": "127.0.0.3"}), [on_ip]) is None
     assert worker.port_conflict(with_ports({"containerPort": 80, "hostPort": 8080}), [on_ip])
+
+
+def test_devices_are_handed_out_once_and_come_back() -> None:
+    owned = devices.Devices({"nvidia.com/gpu": ("0", "1", "2")})
+    def asking(n: int) -> dict:
+        return {"resources": {"limits": {"nvidia.com/gpu": str(n), "cpu": "1"}}}
+    assert owned.allocate("a", asking(2)) == {"CUDA_VISIBLE_DEVICES": "0,1", "NVIDIA_VISIBLE_DEVICES": "0,1"}
+    assert owned.allocate("a", asking(2))["CUDA_VISIBLE_DEVICES"] == "0,1"  # a restarted container keeps its share
+    assert owned.allocate("b", asking(1))["CUDA_VISIBLE_DEVICES"] == "2"
+    with pytest.raises(devices.DeviceError, match="1 requested, 0 of 3 free"):
+        owned.allocate("c", asking(1))
+    assert owned.allocate("d", {"resources": {}}) == {}  # asks for none, gets none
+    owned.release("a")
+    assert owned.allocate("c", asking(1))["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_device_flags_name_distinct_ids() -> None:
+    assert devices.parse("nvidia.com/gpu=0,1") == ("nvidia.com/gpu", ("0", "1"))
+    for bad in ("nvidia.com/gpu", "nvidia.com/gpu=", "=0", "nvidia.com/gpu=0,0"):
+        with pytest.raises(ValueError):
+            devices.parse(bad)
