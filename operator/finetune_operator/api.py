@@ -31,7 +31,7 @@ from finetune_trainer.config import (
 from finetune_trainer.model_manifest import API_VERSION, ModelMetrics, ModelSpec
 from finetune_trainer.model_manifest import GROUP as GROUP
 from finetune_trainer.model_manifest import VERSION as VERSION
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 
@@ -353,6 +353,15 @@ class FineTuneJob(StatusModel):
     @property
     def model_name(self) -> str:
         return self.spec.output.model_name or self.metadata.name
+
+
+def api_errors(error: ValidationError) -> str:
+    """A FineTuneJob the operator cannot read, in the API server's manner: `spec.a.b: what`."""
+    parts = []
+    for item in error.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}" if where else item["msg"])
+    return "; ".join(parts)
 
 
 # --- Model -----------------------------------------------------------------------------------

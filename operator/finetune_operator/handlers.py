@@ -18,9 +18,9 @@ import logging
 
 import kopf
 
-from .api import GROUP, TERMINAL_PHASES, VERSION, FineTuneJob
+from .api import GROUP, TERMINAL_PHASES, VERSION
 from .naming import JOB_LABEL
-from .reconcile import JobStates, reconcile, release_node_pool
+from .reconcile import JobStates, reconcile, release_node_pool_of
 from .settings import OperatorSettings
 
 FTJ = (GROUP, VERSION, "finetunejobs")
@@ -88,5 +88,6 @@ def _uses_karpenter(spec: dict, memo: kopf.Memo, **_) -> bool:
 
 
 @kopf.on.delete(*FTJ, when=_uses_karpenter)
-async def finetunejob_deleted(body: dict, memo: kopf.Memo, **_) -> None:
-    await release_node_pool(FineTuneJob.model_validate(body), memo.settings)
+async def finetunejob_deleted(uid: str, **_) -> None:
+    # By the UID alone: a job whose spec this operator cannot read must still be deletable.
+    await release_node_pool_of(uid)

@@ -32,6 +32,24 @@ def _status_code(exc: kr8s.ServerError) -> int | None:
     return exc.response.status_code if exc.response is not None else None
 
 
+class Rejected(Exception):
+    """The API server refused an object the operator built (400, 403, 422: a 4xx that retrying
+    cannot change), with the server's own message."""
+
+    def __init__(self, obj: dict, exc: kr8s.ServerError) -> None:
+        try:
+            message = exc.response.json().get("message") or exc.response.text
+        except (AttributeError, ValueError):
+            message = str(exc)
+        super().__init__(f"the API server refused {obj['kind']} {obj['metadata'].get('name')}: {message}")
+
+
+def _rejected(exc: kr8s.ServerError) -> bool:
+    """A refusal of the object itself: not missing (404), not a conflict (409), not throttled (429)."""
+    code = _status_code(exc)
+    return code is not None and 400 <= code < 500 and code not in (404, 409, 429)
+
+
 _client: kr8s.asyncio.Api | None = None
 
 
@@ -72,18 +90,34 @@ async def list_(kind: str, namespace: str | None, selector: dict[str, str] | Non
 
 
 async def create(obj: dict) -> tuple[dict, bool]:
-    """Create obj; if one of that name exists, return it instead. Returns (object, created)."""
+    """Create obj; if one of that name exists, return it instead. Returns (object, created).
+    Raises Rejected when the API server refuses the object itself."""
     meta = obj["metadata"]
     try:
         created = await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj))
         return created or obj, True
     except kr8s.ServerError as exc:
+        if _rejected(exc):
+            raise Rejected(obj, exc) from None
         if _status_code(exc) != 409:
             raise
     existing = await get(obj["kind"], meta.get("namespace"), meta["name"])
     if existing is None:  # deleted between the two calls: let the caller retry
         raise kr8s.ServerError(f"{obj['kind']} {meta['name']} vanished after a conflict")
     return existing, False
+
+
+async def dry_run(obj: dict) -> None:
+    """Ask the API server whether it would create obj (validation, admission, defaults), creating
+    nothing. An object of that name that exists already passes: create returns it. Raises Rejected."""
+    meta = obj["metadata"]
+    try:
+        await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj), params={"dryRun": "All"})
+    except kr8s.ServerError as exc:
+        if _rejected(exc):
+            raise Rejected(obj, exc) from None
+        if _status_code(exc) != 409:
+            raise
 
 
 async def post(kind: str, namespace: str | None, obj: dict) -> dict | None:

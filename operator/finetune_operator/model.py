@@ -43,6 +43,19 @@ def build_model(job: FineTuneJob, result: TrainerResult) -> dict:
     return manifest
 
 
+def model_to_validate(job: FineTuneJob) -> dict:
+    """The Model this job would publish, with placeholder digests and metrics: what the API
+    server is asked to accept (dry run) before anything is created, so a name or namespace it
+    would refuse fails the job at the start, not after training."""
+    weights = "model.safetensors" if job.spec.method.type == "full" else "adapter_model.safetensors"
+    placeholder = TrainerResult.model_validate({
+        "files": {weights: {"sha256": "0" * 64, "size": 0}},
+        "metrics": {"trainLoss": 0.0, "steps": 1, "tokens": 0},
+        "world": {"worldSize": 1, "nodes": 1, "processesPerNode": 1},
+    })
+    return build_model(job, placeholder)
+
+
 def model_status(result: TrainerResult, generation: int | None, now: datetime | None = None) -> dict:
     now = now or datetime.now(timezone.utc)
     status = ModelStatus(

@@ -31,8 +31,12 @@ def provisioner_of(job: FineTuneJob, settings: OperatorSettings) -> str:
 
 
 def node_pool_name(job: FineTuneJob) -> str:
+    return node_pool_name_of(job.metadata.uid)
+
+
+def node_pool_name_of(uid: str) -> str:
     """Cluster-scoped, so derived from the job's UID: unique across namespaces and recreations."""
-    return f"finetune-{job.metadata.uid}"
+    return f"finetune-{uid}"
 
 
 def pod_placement(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:

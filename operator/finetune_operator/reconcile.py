@@ -20,9 +20,9 @@ import kopf
 from pydantic import ValidationError
 
 from . import children, failures, kube, metrics, naming, provisioning, status
-from .api import TERMINAL_PHASES, FineTuneJob
+from .api import TERMINAL_PHASES, FineTuneJob, api_errors
 from .kubetime import format_time, parse_time
-from .model import build_model, model_status, published_here
+from .model import build_model, model_status, model_to_validate, published_here
 from .settings import OperatorSettings
 from .sources import UnsupportedSource
 
@@ -95,7 +95,14 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings, jobs:
                 state.finished = True
                 metrics.record_phase(namespace, name, None)
                 return
-            ftj = FineTuneJob.model_validate(raw)
+            try:
+                ftj = FineTuneJob.model_validate(raw)
+            except ValidationError as exc:
+                # The API server accepted what the operator cannot read: say so once, in the
+                # status, rather than retrying forever.
+                state.finished = True
+                await _fail_unreadable(raw, exc)
+                return
             metrics.record_phase(namespace, name, ftj.status.phase)
             state.finished = ftj.status.phase in TERMINAL_PHASES
             if state.finished:
@@ -142,8 +149,13 @@ async def release_node_pool(ftj: FineTuneJob, settings: OperatorSettings) -> Non
     """Delete the job's NodePool so Karpenter removes its nodes."""
     if provisioning.provisioner_of(ftj, settings) != "karpenter":
         return
-    if await kube.delete("NodePool", None, provisioning.node_pool_name(ftj)):
-        log.info("deleted NodePool %s of %s/%s", provisioning.node_pool_name(ftj), ftj.metadata.namespace, ftj.metadata.name)
+    await release_node_pool_of(ftj.metadata.uid)
+
+
+async def release_node_pool_of(uid: str) -> None:
+    pool = provisioning.node_pool_name_of(uid)
+    if await kube.delete("NodePool", None, pool):
+        log.info("deleted NodePool %s", pool)
 
 
 async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings: OperatorSettings,
@@ -151,6 +163,18 @@ async def _fail(raw: dict, ftj: FineTuneJob, reason: str, message: str, settings
     obs = status.Observation("Failed", reason, message, completion_time=format_time(datetime.now(timezone.utc)))
     await _write_status(raw, ftj, obs, trainer_job, settings)
     return obs.phase
+
+
+async def _fail_unreadable(raw: dict, error: ValidationError) -> None:
+    meta = raw["metadata"]
+    if (raw.get("status") or {}).get("phase") in TERMINAL_PHASES:
+        return  # a finished job stays as it finished, even if this operator cannot read it
+    message = api_errors(error)
+    log.info("FineTuneJob %s/%s: invalid: %s", meta["namespace"], meta["name"], message)
+    await kube.patch_status("FineTuneJob", meta["namespace"], meta["name"], status.invalid_spec_patch(raw, message))
+    metrics.STATUS_WRITES.inc()
+    metrics.record_phase(meta["namespace"], meta["name"], "Failed")
+    kopf.event(raw, type="Warning", reason="InvalidSpec", message=f"Failed: {message}")
 
 
 async def _write_status(raw: dict, ftj: FineTuneJob, obs: status.Observation, trainer_job: str | None,
@@ -215,6 +239,11 @@ async def _sync_job(ftj: FineTuneJob, job: dict, node_pool: dict | None, setting
 
 async def _ensure_children(ftj: FineTuneJob, settings: OperatorSettings) -> dict:
     objects = build_children(ftj, settings)
+    # The API server judges every child, and the Model the job will publish, before any is
+    # created: a spec it accepted but whose children it would refuse fails now, creating nothing.
+    for obj in (objects.node_pool, objects.config_map, objects.service, objects.job, model_to_validate(ftj)):
+        if obj is not None:
+            await kube.dry_run(obj)
     # Order matters: the pool is there before pods ask for capacity, and the Job's pods mount the
     # ConfigMap and (for several nodes) resolve the Service name, so those exist before the Job.
     if objects.node_pool:
@@ -238,7 +267,7 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings, st
     if job is None:
         try:
             job = await _ensure_children(ftj, settings)
-        except (UnsupportedSource, ValidationError, ValueError) as exc:
+        except (UnsupportedSource, ValidationError, ValueError, kube.Rejected) as exc:
             return await _fail(raw, ftj, "InvalidSpec", str(exc), settings)
     if job["metadata"].get("ownerReferences", [{}])[0].get("uid") != ftj.metadata.uid:
         return await _fail(raw, ftj, "NameConflict", f"a Job named {job_name} exists and belongs to something else", settings)
@@ -255,11 +284,16 @@ async def _reconcile(raw: dict, ftj: FineTuneJob, settings: OperatorSettings, st
         prov = status.Provisioning(await _karpenter_events(ftj, pods), settings.provisioning_timeout_seconds)
     obs = status.observe(ftj, job, pods, prov)
     if obs.phase == "Succeeded" and obs.result is not None:
-        conflict = await _publish_model(ftj, obs)
+        try:
+            conflict = await _publish_model(ftj, obs)
+        except kube.Rejected as exc:  # checked by a dry run at the start; a changed CRD could still refuse it
+            obs = status.Observation("Failed", "InvalidSpec", str(exc), start_time=obs.start_time,
+                                     completion_time=obs.completion_time)
+            conflict = None
         if conflict:
             obs = status.Observation("Failed", "ModelNameConflict", conflict, start_time=obs.start_time,
                                      completion_time=obs.completion_time)
-        else:
+        elif obs.phase == "Succeeded":
             kopf.event(raw, type="Normal", reason="ModelPublished", message=f"published Model {ftj.model_name}")
     await _write_status(raw, ftj, obs, job_name, settings)
     # After the status: a crash in between leaves a Failed job whose next pass stops the Job,

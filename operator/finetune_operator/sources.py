@@ -8,6 +8,7 @@ never point the trainer outside its volume. Other schemes are passed to the trai
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
@@ -21,6 +22,19 @@ _URI = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<rest>.+)$")
 class UnsupportedSource(ValueError):
     """A source the operator cannot hand to the trainer (yet, or at all)."""
 
+
+
+def volume_name(prefix: str, name: str) -> str:
+    """The pod volume for a claim or ConfigMap. A volume's name is a DNS label (no dots, at most 63
+    characters) while a claim's or ConfigMap's is a DNS subdomain (dots, up to 253): a name that is
+    a label already is kept readable; any other gets a stem of it and a digest of the whole, so two
+    sources never share a volume (cutting at 63 characters alone could merge two)."""
+    plain = f"{prefix}-{name}"
+    if len(plain) <= 63 and "." not in name:
+        return plain
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    stem = re.sub(r"[^a-z0-9-]+", "-", name)[: 63 - len(prefix) - len(digest) - 2].strip("-")
+    return "-".join(filter(None, (prefix, stem, digest)))
 
 @dataclass(frozen=True)
 class Mount:
@@ -74,7 +88,7 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
             if claim not in claim_dirs:
                 raise UnsupportedSource(f"{field}: no local directory for claim {claim!r}; pass --volume {claim}=DIR")
             return Resolved(posixpath.join(claim_dirs[claim], path) if path else claim_dirs[claim])
-        mount = Mount(f"pvc-{claim}"[:63], f"{PVC_ROOT}/{claim}", read_only=not writable, claim=claim)
+        mount = Mount(volume_name("pvc", claim), f"{PVC_ROOT}/{claim}", read_only=not writable, claim=claim)
         return Resolved(posixpath.join(mount.mount_path, path) if path else mount.mount_path, mount)
     if scheme == "configmap" and claim_dirs is not None:
         raise UnsupportedSource(f"{field}: configmap:// needs a cluster; for a local run put the file on a --volume")
@@ -82,7 +96,7 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
         name, key = confined_path(rest, field)
         if not key or "/" in key:
             raise UnsupportedSource(f"{field}: configmap:// needs NAME/KEY, got {uri!r}")
-        mount = Mount(f"cm-{name}"[:63], f"{CONFIGMAP_ROOT}/{name}", read_only=True, config_map=name)
+        mount = Mount(volume_name("cm", name), f"{CONFIGMAP_ROOT}/{name}", read_only=True, config_map=name)
         return Resolved(f"{mount.mount_path}/{key}", mount)
     if scheme in ("preset", "hf") and not writable:
         return Resolved(uri)

@@ -219,14 +219,35 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
     return Observation("Pending", "WaitingForPods", _pending_message(pods), start_time=start_time)
 
 
+# A condition's message as written: an API server's answer or a pod's message can be long, and
+# a status nobody can read (or that the CRD's bound refuses) helps no one.
+MAX_CONDITION_MESSAGE = 4096
+
+
+def bounded(message: str) -> str:
+    return message if len(message) <= MAX_CONDITION_MESSAGE else message[:MAX_CONDITION_MESSAGE - 1] + "…"
+
+
 def _condition(kind: str, truth: bool, reason: str, message: str, generation: int | None,
                previous: dict[str, Condition], now: datetime) -> Condition:
     status = "True" if truth else "False"
     old = previous.get(kind)
     # lastTransitionTime moves only when status flips, per the API conventions.
     since = old.last_transition_time if old and old.status == status else now
-    return Condition(type=kind, status=status, reason=reason, message=message,
+    return Condition(type=kind, status=status, reason=reason, message=bounded(message),
                      last_transition_time=since, observed_generation=generation)
+
+
+def invalid_spec_patch(raw: dict[str, Any], message: str, now: datetime | None = None) -> dict[str, Any]:
+    """The status of a FineTuneJob the operator cannot parse at all: Failed/InvalidSpec, built from
+    the raw object alone (there is no FineTuneJob to derive conditions from)."""
+    now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
+    generation = raw["metadata"].get("generation")
+    conditions = [Condition(type=kind, status="True" if kind == "Failed" else "False", reason="InvalidSpec",
+                            message=bounded(message), last_transition_time=now, observed_generation=generation)
+                  for kind in ("Ready", "Provisioned", "Running", "Succeeded", "Failed")]
+    return {"phase": "Failed", "observedGeneration": generation, "completionTime": format_time(now),
+            "conditions": [c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions]}
 
 
 def conditions_for(obs: Observation, ftj: FineTuneJob, now: datetime | None = None) -> list[Condition]:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from factories import make_job
@@ -155,3 +157,16 @@ def test_progress_channel_is_a_pod_bound_token_for_the_operator():
     assert pod["automountServiceAccountToken"] is False  # no API token, only the progress one
     no_progress = yaml.safe_load(children.build_config_map(ftj, SETTINGS)["data"]["config.yaml"])
     assert "progressUrl" not in no_progress["reporting"]
+
+
+def test_every_source_gets_a_volume_name_the_api_server_accepts() -> None:
+    """Claim and ConfigMap names are DNS subdomains (dots, 253 characters); a volume's is a DNS
+    label. A dotted or long name gets a readable stem and a digest, and two never collide."""
+    from finetune_operator.sources import volume_name
+
+    label = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    assert volume_name("pvc", "data") == "pvc-data"
+    names = ["data.v2", "data-v2", "x" * 80 + "a", "x" * 80 + "b", "...", "a" * 59, "a" * 60]
+    made = [volume_name("pvc", n) for n in names]
+    assert all(len(m) <= 63 and label.fullmatch(m) for m in made), made
+    assert len(set(made)) == len(made), made

@@ -227,3 +227,32 @@ def test_the_trainer_job_is_stopped_only_for_a_failure_the_operator_decided():
     assert not status.must_stop_trainer("Failed", finished, "uid-1")  # the Job controller ended it
     deleting = {"metadata": {**mine["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {}}
     assert not status.must_stop_trainer("Failed", deleting, "uid-1")
+
+
+def test_a_job_the_operator_cannot_read_gets_failed_invalid_spec_from_its_raw_object():
+    from pydantic import ValidationError
+
+    from finetune_operator.api import FineTuneJob, api_errors
+
+    raw = {"apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "odd", "namespace": "ns", "uid": "u", "generation": 3},
+           "spec": {"baseModel": {"source": "preset://tiny-llama"}, "dataset": {"source": "pvc://d/x.jsonl"},
+                    "output": {"destination": "pvc://m/o"}, "training": {"epochs": 0}}}
+    try:
+        FineTuneJob.model_validate(raw)
+        raise AssertionError("expected a validation error")
+    except ValidationError as exc:
+        message = api_errors(exc)
+    assert message.startswith("spec.training.epochs: "), message
+    patch = status.invalid_spec_patch(raw, message)
+    assert patch["phase"] == "Failed" and patch["observedGeneration"] == 3 and patch["completionTime"]
+    by_type = {c["type"]: c for c in patch["conditions"]}
+    assert by_type["Failed"]["status"] == "True" and by_type["Ready"]["status"] == "False"
+    assert {c["reason"] for c in by_type.values()} == {"InvalidSpec"} and by_type["Failed"]["message"] == message
+
+
+def test_condition_messages_are_bounded():
+    long = "x" * 50_000
+    obs = status.Observation("Failed", "InvalidSpec", long)
+    [cond] = [c for c in status.conditions_for(obs, make_job()) if c.type == "Failed"]
+    assert len(cond.message) == status.MAX_CONDITION_MESSAGE and cond.message.endswith("…")
