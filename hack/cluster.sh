@@ -49,9 +49,14 @@ LOGS=$CLUSTER_DIR/logs
 PKI=$CLUSTER_DIR/pki
 KUBECONFIG_FILE=$CLUSTER_DIR/kubeconfig
 # all: kwok's nodes, cluster DNS and the real node local-0 too; control-plane: etcd, the API
-# server, controller manager and scheduler alone, for a machine that brings its own node (the
-# GPU machine's process node, hack/gpu-e2e.sh).
+# server, controller manager and scheduler alone, for a machine that brings its own nodes (the
+# GPU machine's process nodes, hack/gpu-e2e.sh); control-plane+dns: those and cluster DNS, for
+# nodes whose pods find each other by name (several nodes).
 CLUSTER_PARTS=${CLUSTER_PARTS:-all}
+case $CLUSTER_PARTS in
+  all | control-plane | control-plane+dns) ;;
+  *) echo "cluster: CLUSTER_PARTS=$CLUSTER_PARTS: want all, control-plane or control-plane+dns" >&2; exit 2 ;;
+esac
 
 say() { echo "cluster: $*" >&2; }
 
@@ -247,7 +252,7 @@ EOF
 }
 
 up() {
-  if [ "$CLUSTER_PARTS" = control-plane ]; then
+  if [ "$CLUSTER_PARTS" != all ]; then
     BIN=$(K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubectl" "$here/build-binaries.sh" etcd kubernetes)
   else
     BIN=$("$here/build-binaries.sh" etcd kubernetes kwok)
@@ -294,8 +299,9 @@ up() {
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig="$KUBECONFIG_FILE" --leader-elect=false \
     --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --profiling=false --v=1
 
-  if [ "$CLUSTER_PARTS" = control-plane ]; then
+  if [ "$CLUSTER_PARTS" != all ]; then
     wait_for "default service account" 60 kubectl -n default get serviceaccount default
+    if [ "$CLUSTER_PARTS" = control-plane+dns ]; then dns_up; fi
     say "up, control plane only: export KUBECONFIG=$KUBECONFIG_FILE"
     return
   fi

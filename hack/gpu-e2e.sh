@@ -4,7 +4,8 @@
 # The device machine has a GPU, PyTorch and no container runtime, and reaches no network, so
 # what it lacks travels with the call (its limit is 64 MiB, so the binaries travel compressed,
 # over one or two calls: each call's `stage` step adds what it carried to the cache):
-#   .gpu-e2e/*.xz   kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kubectl
+#   .gpu-e2e/*.xz   kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kubectl, and
+#                   CoreDNS for jobs of several nodes (hack/gpu_e2e.py --nodes N)
 #                   (hack/gpu-e2e.sh pack writes them here, from the local cache)
 #   .whl/*.whl      the Python packages the machine's image lacks (bench/README.md lists them)
 #
@@ -25,12 +26,14 @@ WORK=${GPU_E2E_WORK:-/var/tmp/finetune-gpu-e2e}
 # Outside the job's /tmp emptyDir, which would hide it inside the trainer's sandbox.
 SITE=${GPU_E2E_SITE:-/opt/finetune-site}
 BINARIES="kube-apiserver-$KUBERNETES_VERSION kube-controller-manager-$KUBERNETES_VERSION kube-scheduler-$KUBERNETES_VERSION kubectl-$KUBERNETES_VERSION etcd-$ETCD_VERSION"
+# Cluster DNS, for several nodes (--nodes N): carried when packed, used when staged.
+COREDNS=$(readlink "$CACHE/bin/coredns" 2>/dev/null || true)
 
 say() { echo "gpu-e2e: $*" >&2; }
 
 pack() {
   mkdir -p "$PACK"
-  for b in $BINARIES; do
+  for b in $BINARIES $COREDNS; do
     [ -f "$PACK/$b.xz" ] || xz -9 -T0 -c "$CACHE/bin/$b" >"$PACK/$b.xz"
   done
   du -ch "$PACK"/*.xz | tail -1
@@ -66,6 +69,8 @@ run() {
   local out=${OUT:-$WORK/out} cluster=$WORK/cluster rc=0
   mkdir -p "$WORK" "$out"
   export CLUSTER_DIR=$cluster CLUSTER_PARTS=control-plane
+  # With CoreDNS staged, the cluster has DNS too, so the pods of several nodes find each other.
+  if [ -x "$CACHE/bin/coredns" ]; then CLUSTER_PARTS=control-plane+dns; fi
   trap '"$here/cluster.sh" down >/dev/null 2>&1 || true' EXIT
   "$here/cluster.sh" up
   if [ "${GPU_E2E_BENCH:-1}" = 1 ]; then
@@ -78,7 +83,7 @@ run() {
   fi
   python3 "$here/gpu_e2e.py" --kubeconfig "$cluster/kubeconfig" --kubectl "$CACHE/bin/kubectl" --work "$WORK/run" \
     --out "$out" --bench-summary "$WORK/bench/summary.json" "$@" || rc=$?
-  tar -C "$WORK/run" -czf "$out/logs.tgz" operator.log process-node.log node/logs 2>/dev/null || true
+  (cd "$WORK/run" && tar -czf "$out/logs.tgz" operator.log gpu-*.log gpu-*/logs) 2>/dev/null || true
   return "$rc"
 }
 

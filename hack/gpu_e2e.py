@@ -36,6 +36,7 @@ from common import sequence_lengths, synthetic_texts  # noqa: E402  (the bench's
 from finetune_trainer.protocol import PROGRESS_PREFIX  # noqa: E402
 
 NAMESPACE = "default"
+NODE_LABEL = "finetune.ai/gpu-e2e"  # the process nodes this program starts, and only those
 TERMINAL = ("Succeeded", "Failed")
 WARMUP_STEPS = 3  # the bench skips as many before it measures
 
@@ -144,6 +145,7 @@ def job_manifest(name: str, a: argparse.Namespace, *, steps: int, every: int) ->
     resources: dict = {"accelerator": a.accelerator, "cpu": a.cpu, "memory": a.memory}
     if a.accelerator != "none":
         resources["acceleratorsPerNode"] = a.gpus
+    per_step = a.micro_batch * a.gpus * a.nodes if a.accelerator != "none" else a.micro_batch * a.nodes
     return {
         "apiVersion": "finetune.ai/v1alpha1",
         "kind": "FineTuneJob",
@@ -153,12 +155,12 @@ def job_manifest(name: str, a: argparse.Namespace, *, steps: int, every: int) ->
             "dataset": {"source": "pvc://data/train.jsonl", "format": "text", "validationSplit": a.validation_split},
             "method": {"type": a.method, "lora": {"r": 16, "alpha": 32, "targetModules": ["all-linear"]}},
             # The bench's case: one micro-batch of microBatchSize rows per GPU per optimizer step.
-            "training": {"maxSteps": steps, "microBatchSize": a.micro_batch, "globalBatchSize": a.micro_batch * a.gpus,
+            "training": {"maxSteps": steps, "microBatchSize": a.micro_batch, "globalBatchSize": per_step,
                          "maxSeqLength": a.seq_len, "packing": True},
-            "distributed": {"zeroStage": 2},
+            "distributed": {"zeroStage": 2, "nodes": a.nodes},
             "checkpointing": {"everySteps": every},
             "resources": resources,
-            "nodePool": {"provisioner": "existing", "nodeSelector": {"kubernetes.io/hostname": a.node_name}},
+            "nodePool": {"provisioner": "existing", "nodeSelector": {NODE_LABEL: "true"}},
             "output": {"destination": f"pvc://models/{name}"},
         },
     }
@@ -333,7 +335,8 @@ def main() -> int:
     p.add_argument("--resume-every", type=int, default=10)
     p.add_argument("--resume-steps", type=int, default=30)
     p.add_argument("--timeout", type=float, default=420)
-    p.add_argument("--node-name", default="gpu-0")
+    p.add_argument("--nodes", type=int, default=1, help="process nodes, each with --gpus of the machine's GPUs")
+    p.add_argument("--cluster-dns", default="127.0.0.10", help="for several nodes: the cluster DNS (hack/cluster.sh)")
     p.add_argument("--operator-ports", default="18180,18181,18182", help="metrics,health,progress")
     p.add_argument("--bench-summary", type=Path, help="the bench's summary.json of this call, for the comparison")
     p.add_argument("--skip", default="", help="comma-separated: train, suspend-resume")
@@ -344,19 +347,28 @@ def main() -> int:
     data, models = a.work / "data", a.work / "models"
     data.mkdir(exist_ok=True)
     models.mkdir(exist_ok=True)
-    rows = (max(a.steps, a.resume_steps) + 10) * a.micro_batch * a.gpus
+    rows = (max(a.steps, a.resume_steps) + 10) * a.micro_batch * a.gpus * a.nodes
     write_data(data / "train.jsonl", int(rows / (1 - a.validation_split)) + 1, a.seq_len)
     cluster = Cluster(a.kubeconfig, a.kubectl)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "hack"), os.environ.get("PYTHONPATH")]))}
     env.pop("KUBECONFIG", None)
-    node_cmd = [sys.executable, "-m", "process_node", "--kubeconfig", a.kubeconfig, "--node-name", a.node_name,
-                "--state-dir", str(a.work / "node"), "--log-file", str(a.work / "process-node.log"),
-                "--volume", f"data={data}", "--volume", f"models={models}",
-                "--cpu", str(os.cpu_count()), "--memory", "120Gi"]
-    if a.accelerator != "none":
-        # The machine's GPUs, handed to the trainer pod as a device plugin would (its share only).
-        node_cmd += ["--device", f"{a.accelerator}={','.join(str(i) for i in range(a.gpus))}"]
+    node_cmds = {}
+    for i in range(a.nodes):
+        name = f"gpu-{i}"
+        # Several nodes on one host: each its own loopback IP (its pods' IP) and its own GPUs.
+        cmd = [sys.executable, "-m", "process_node", "--kubeconfig", a.kubeconfig, "--node-name", name,
+               "--node-ip", f"127.0.0.{2 + i}" if a.nodes > 1 else "127.0.0.1", "--label", f"{NODE_LABEL}=true",
+               "--state-dir", str(a.work / name), "--log-file", str(a.work / f"{name}.log"),
+               "--volume", f"data={data}", "--volume", f"models={models}",
+               "--cpu", str(max(1, (os.cpu_count() or 2) // a.nodes)), "--memory", "120Gi"]
+        if a.nodes > 1:
+            cmd += ["--cluster-dns", a.cluster_dns]
+        if a.accelerator != "none":
+            # Its share of the machine's GPUs, handed to the trainer pod as a device plugin would.
+            share = range(i * a.gpus, (i + 1) * a.gpus)
+            cmd += ["--device", f"{a.accelerator}={','.join(str(g) for g in share)}"]
+        node_cmds[name] = cmd
     metrics_port, health_port, progress_port = a.operator_ports.split(",")
     operator_env = {**os.environ, "KUBECONFIG": a.kubeconfig, "FINETUNE_METRICS_PORT": metrics_port,
                     "FINETUNE_HEALTH_PORT": health_port, "FINETUNE_PROGRESS_PORT": progress_port,
@@ -368,17 +380,18 @@ def main() -> int:
                     "crd/models.finetune.ai")
     for claim, path in (("data", data), ("models", models)):
         bind_claim(cluster, claim, path)
-    node = start(node_cmd, a.work / "process-node.stdout", env)
+    nodes = [start(cmd, a.work / f"{name}.stdout", env) for name, cmd in node_cmds.items()]
     operator = start([sys.executable, "-m", "finetune_operator"], a.work / "operator.log", operator_env)
     record: dict = {"runId": a.run_id, "device": device_name(), "startedAt": now(), "kind": "operator-e2e",
                     "host": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     try:
-        wait_until(f"node {a.node_name} Ready", 60, lambda: any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in ((cluster.get("node", a.node_name) or {}).get("status") or {}).get("conditions", [])))
+        for name in node_cmds:
+            wait_until(f"node {name} Ready", 60, lambda: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in ((cluster.get("node", name) or {}).get("status") or {}).get("conditions", [])))
         wait_until("the operator healthy", 90, lambda: subprocess.run(
             ["curl", "-sf", f"http://127.0.0.1:{health_port}/healthz"], capture_output=True).returncode == 0)
-        log(f"node {a.node_name} Ready, operator healthy; device: {record['device']}")
+        log(f"nodes {', '.join(node_cmds)} Ready, operator healthy; device: {record['device']}")
         skip = set(filter(None, a.skip.split(",")))
         if "train" not in skip:
             record["train"] = run_train(cluster, a, a.out)
@@ -394,7 +407,8 @@ def main() -> int:
     finally:
         record["finishedAt"] = now()
         stop(operator)
-        stop(node)
+        for node in nodes:
+            stop(node)
         (a.out / f"{a.run_id}.json").write_text(json.dumps(record, indent=1) + "\n")
         log(f"record: {a.out / (a.run_id + '.json')}")
     return 0 if record["ok"] else 1
@@ -403,12 +417,12 @@ def main() -> int:
 def compare_with_bench(train: dict, a: argparse.Namespace) -> dict:
     rows = json.loads(a.bench_summary.read_text())
     mine = [r for r in rows if r.get("model") == a.preset and r.get("method") == a.method and r.get("data") == "fixed"
-            and r.get("system") == "ours" and r.get("gpus") == a.gpus and r.get("seqLen") == a.seq_len
+            and r.get("system") == "ours" and r.get("gpus") == a.gpus * a.nodes and r.get("seqLen") == a.seq_len
             and r.get("variant") == "default"]
     if not mine:
         return {"error": "no bench row for this case in " + str(a.bench_summary)}
     row = mine[-1]
-    bench = row["tokensPerSecPerGpu"] * a.gpus
+    bench = row["tokensPerSecPerGpu"] * a.gpus * a.nodes
     seen = train["progressTokensPerSecond"]["median"]
     return {"case": row["case"], "runId": row.get("runId"), "benchTokensPerSecond": bench,
             "progressTokensPerSecond": seen, "ratio": round(seen / bench, 4) if seen else None,
