@@ -126,4 +126,5 @@ class Kubelet:
 
     async def _reap(self, worker: PodWorker) -> None:
         await worker.stop(0)
+        self.devices.release(worker.uid)  # its worker may be cancelled before it releases them
         worker.cleanup()

@@ -23,7 +23,6 @@ class UnsupportedSource(ValueError):
     """A source the operator cannot hand to the trainer (yet, or at all)."""
 
 
-
 def volume_name(prefix: str, name: str) -> str:
     """The pod volume for a claim or ConfigMap. A volume's name is a DNS label (no dots, at most 63
     characters) while a claim's or ConfigMap's is a DNS subdomain (dots, up to 253): a name that is
@@ -35,6 +34,7 @@ def volume_name(prefix: str, name: str) -> str:
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     stem = re.sub(r"[^a-z0-9-]+", "-", name)[: 63 - len(prefix) - len(digest) - 2].strip("-")
     return "-".join(filter(None, (prefix, stem, digest)))
+
 
 @dataclass(frozen=True)
 class Mount:
