@@ -80,9 +80,10 @@ INVALID = [
     ("bad-model-name", "spec.output", {"destination": "pvc://models/x", "modelName": "Bad_Name"}, "spec.output.modelName"),
     ("path-escape", "spec.dataset.source", "pvc://data/../secrets/x", "must not contain '..'"),
     ("long-name", "metadata.name", "x" * 51, "metadata.name must be at most 50 characters"),
+    ("dotted-name", "metadata.name", "team.a-sft", "metadata.name must be a DNS label"),
     ("backoff-too-high", "spec.backoffLimit", 1000, "spec.backoffLimit"),
 ]
 
 # Cases only the API server can check: rules on metadata, and string rules without a Python twin
 # (the operator's source resolver rejects '..' itself, tests/unit/test_sources.py).
-SERVER_ONLY = {"long-name", "path-escape"}
+SERVER_ONLY = {"long-name", "dotted-name", "path-escape"}

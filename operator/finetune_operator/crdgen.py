@@ -196,8 +196,24 @@ def finetunejob_crd() -> dict[str, Any]:
         f"metadata.name must be at most {api.MAX_JOB_NAME_LENGTH} characters (the operator derives child names from it)",
         reason="FieldValueInvalid",
     ).to_cel()
+    # The trainer Job is Indexed: its pods' hostnames are "<job>-trainer-<index>", DNS labels.
+    label_rule = Rule(
+        f"self.metadata.name.matches('{api.DNS_LABEL}')",
+        "metadata.name must be a DNS label (lowercase letters, digits and '-', no dots): "
+        "the trainer pods' hostnames are made from it",
+        reason="FieldValueInvalid",
+    ).to_cel()
+    # Several nodes rendezvous through a headless Service named after the job, and a Service's
+    # name is a DNS-1035 label: it starts with a letter.
+    service_rule = Rule(
+        "!has(self.spec.distributed) || !has(self.spec.distributed.nodes) || self.spec.distributed.nodes <= 1"
+        " || self.metadata.name.matches('^[a-z]')",
+        "metadata.name must start with a letter when distributed.nodes > 1: the pods find each other "
+        "through a Service named after the job",
+        reason="FieldValueInvalid",
+    ).to_cel()
     return _crd("FineTuneJob", "finetunejobs", ["ftj"], api.FineTuneJobSpec, api.FineTuneJobStatus,
-                api.FineTuneJob.__doc__, columns, [name_rule])
+                api.FineTuneJob.__doc__, columns, [name_rule, label_rule, service_rule])
 
 
 def model_crd() -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetools import REPO
+from kubetools import REPO, Kubectl
 from spec_cases import INVALID, VALID, with_changes
 
 
@@ -60,3 +60,12 @@ def test_printer_columns(kubectl):
     header = kubectl("get", "ftj").stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "AGE"]
     assert kubectl("get", "finetunejobs.finetune.ai", "valid", "-o", "name").stdout.strip() == "finetunejob.finetune.ai/valid"
+
+
+def test_a_job_of_several_nodes_is_named_like_a_service(kubectl: Kubectl) -> None:
+    """Its pods find each other through a headless Service named after it (a DNS-1035 label)."""
+    several = with_changes("spec.distributed", {"nodes": 2}, name="7b-sft")
+    proc = kubectl.apply(several, dry_run=True, check=False)
+    assert proc.returncode != 0 and "metadata.name must start with a letter when distributed.nodes > 1" in proc.stderr
+    assert kubectl.apply(with_changes("spec.distributed", {"nodes": 1}, name="7b-sft"), dry_run=True, check=False).returncode == 0
+    assert kubectl.apply(with_changes("spec.distributed", {"nodes": 2}, name="b7-sft"), dry_run=True, check=False).returncode == 0

@@ -118,9 +118,9 @@ def test_a_claim_with_a_dot_in_its_name_is_mounted(kubectl: Kubectl, operator) -
 @pytest.mark.parametrize("name,mutations,refused_by", [
     # The Model CRD refuses the name: caught at the start, not after training.
     ("model-name", [("spec.output.modelName", "a..b")], "Model a..b"),
-    # Several nodes need a headless Service named after the job, and a Service's name is a
-    # DNS-1035 label: it cannot start with a digit.
-    ("7b-sft", [("spec.distributed", {"nodes": 2})], "Service 7b-sft-trainer"),
+    # The pod template's rules: a toleration with operator Exists takes no value.
+    ("exists-with-value", [("spec.nodePool", {"provisioner": "existing", "tolerations": [
+        {"key": "gpu", "operator": "Exists", "value": "v", "effect": "NoSchedule"}]})], "Job exists-with-value-trainer"),
 ])
 def test_a_child_the_api_server_refuses_fails_the_job_at_once(kubectl: Kubectl, operator, name, mutations, refused_by) -> None:
     m = manifest(name, mutations)
