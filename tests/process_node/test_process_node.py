@@ -60,7 +60,8 @@ def test_node_registers_with_lease_and_goes_away(process_node, kubectl: Kubectl)
     assert labels["kubernetes.io/hostname"] == process_node.name
     assert "kwok.x-k8s.io/node" not in (node["metadata"].get("annotations") or {})
     assert node["status"]["addresses"][0] == {"type": "InternalIP", "address": "127.0.0.1"}
-    assert node["status"]["capacity"] == {"cpu": "4", "memory": "16Gi", "pods": "10"}
+    # nvidia.com/gpu: the two devices the fixture gives the node (--device nvidia.com/gpu=3,5).
+    assert node["status"]["capacity"] == {"cpu": "4", "memory": "16Gi", "pods": "10", "nvidia.com/gpu": "2"}
     lease = Kubectl(process_node.kubeconfig, "kube-node-lease").get("lease", process_node.name)
     assert lease["spec"]["holderIdentity"] == process_node.name
     first = lease["spec"]["renewTime"]
