@@ -99,6 +99,25 @@ wait_for() { # description seconds command...
 
 kubectl() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 
+# A kubeconfig for USER, who proves who it is with the client certificate $PKI/USER.crt (signed
+# by the cluster CA): the kubelet's and CoreDNS's identities.
+cert_kubeconfig() { # user
+  cat <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
+users:
+- name: $1
+  user: {client-certificate: "$PKI/$1.crt", client-key: "$PKI/$1.key"}
+contexts:
+- name: local
+  context: {cluster: local, user: $1}
+current-context: local
+EOF
+}
+
 # shellcheck source=node.sh
 source "$here/node.sh"
 
@@ -189,20 +208,7 @@ dns_pki() {
 }
 
 dns_config() {
-  cat >"$CLUSTER_DIR/coredns.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
-users:
-- name: coredns
-  user: {client-certificate: "$PKI/coredns.crt", client-key: "$PKI/coredns.key"}
-contexts:
-- name: local
-  context: {cluster: local, user: coredns}
-current-context: local
-EOF
+  cert_kubeconfig coredns >"$CLUSTER_DIR/coredns.kubeconfig"
   # Only the cluster's zones: anything else is refused, never forwarded off the machine.
   cat >"$CLUSTER_DIR/Corefile" <<EOF
 $CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {

@@ -114,21 +114,7 @@ EOF
 }
 
 kubelet_config() {
-  local token; token=$(cut -d, -f1 "$PKI/tokens.csv")
-  cat >"$NODE_DIR/kubelet.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: local
-  cluster: {server: "https://127.0.0.1:$APISERVER_PORT", certificate-authority: "$PKI/ca.crt"}
-users:
-- name: kubelet
-  user: {client-certificate: "$PKI/kubelet.crt", client-key: "$PKI/kubelet.key"}
-contexts:
-- name: local
-  context: {cluster: local, user: kubelet}
-current-context: local
-EOF
+  cert_kubeconfig kubelet >"$NODE_DIR/kubelet.kubeconfig"
   kubelet_yaml >"$NODE_DIR/kubelet.yaml"
 }
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetools import CLUSTER_DNS, REPO, Kubectl, OperatorProcess, ProcessNode, dns_a, wait_for
+from kubetools import CLUSTER_DNS, REPO, Kubectl, ProcessNode, dns_a, wait_for
 from conftest import volume_dirs
 
 pytestmark = pytest.mark.integration
@@ -151,17 +151,6 @@ def listeners(port: int) -> set[int]:
 
 def container_pid(pod: dict) -> int:
     return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
-
-
-@pytest.fixture
-def operator(kubeconfig: str, namespace: str, tmp_path: Path, request):
-    op = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log").start()
-    op.wait_leading()
-    yield op
-    op.stop()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(f"\n----- operator log ({op.log_path}) -----\n{op.log[-6000:]}")
 
 
 def test_two_nodes_rendezvous_through_cluster_dns_and_train_like_one(kubectl, namespace, nodes, operator) -> None:
