@@ -10,13 +10,16 @@ from finetune_trainer.errors import ConfigError
 
 CONTRACT_EXAMPLE = textwrap.dedent("""
     jobName: support-bot
+    jobUid: null
     baseModel:
       source: preset://tiny-llama
       revision: null
       tokenFile: null
       cacheDir: null
+      volumeRoot: null
     dataset:
       path: /data/train.jsonl
+      volumeRoot: /data
       sha256: null
       format: auto
       validationSplit: 0.05
@@ -130,7 +133,7 @@ def test_presets_listed_in_config_match_implementation():
 
 @pytest.mark.parametrize("offload", ["none", "optimizer"])
 def test_deepspeed_config_leaves_bf16_overflow_to_the_trainer_and_fuses_adam_on_gpus(offload):
-    torch = pytest.importorskip("torch")
+    import torch
     from finetune_trainer.batching import StepPlan
     from finetune_trainer.engine import deepspeed_config
 

@@ -8,7 +8,7 @@ from finetune_trainer.data import IGNORE_INDEX, pack_rows, read_examples, split,
 from finetune_trainer.errors import DataError
 from trainer_helpers import arithmetic_chat, write_jsonl
 
-torch = pytest.importorskip("torch")
+import torch
 from finetune_trainer import presets  # noqa: E402
 from finetune_trainer.batching import Collator, StepPlan  # noqa: E402
 

@@ -1,18 +1,19 @@
 """End-to-end runs of `finetune-trainer` on the tiny preset (CPU, one process)."""
 
+import hashlib
 import json
 import re
 import shutil
 
 import pytest
 
-from finetune_trainer.data import sha256_of_file
+from finetune_trainer.protocol import OWNER_FILE
 from trainer_helpers import (
     arithmetic_chat, assert_ok, make_config, read_progress, run_trainer, write_config, write_jsonl,
 )
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
+import torch
+import deepspeed  # noqa: F401  (a broken install fails, never skips)
 
 
 def train(tmp_path, dataset, **overrides):
@@ -41,10 +42,10 @@ def test_loss_goes_down_and_outputs_are_complete(tmp_path, chat_dataset, method)
     expected = {weights, "tokenizer.json", "tokenizer_config.json", "model.yaml"}
     expected |= {"config.json"} if method == "full" else {"adapter_config.json"}
     assert expected <= set(result["files"])
-    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {"result.json"}
+    on_disk = {p.name for p in out.iterdir() if p.is_file()} - {"result.json", OWNER_FILE}  # the owner file: whose dir
     assert set(result["files"]) == on_disk
     for name, entry in result["files"].items():
-        assert entry == {"sha256": sha256_of_file(out / name), "size": (out / name).stat().st_size}
+        assert entry == {"sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(), "size": (out / name).stat().st_size}
 
     import yaml
 
@@ -107,7 +108,8 @@ def test_bad_data_exits_2_and_leaves_no_result(tmp_path):
     config = make_config(tmp_path, dataset)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "result.json").write_text('{"stale": true}')  # from an earlier attempt
+    (out / OWNER_FILE).write_text(json.dumps({"jobName": "test", "jobUid": None}))  # this job's directory ...
+    (out / "result.json").write_text('{"stale": true}')  # ... with a result from an earlier attempt
     result = run_trainer(write_config(tmp_path, config))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
@@ -222,3 +224,36 @@ def test_diverged_training_fails_clearly_and_saves_nothing(tmp_path, chat_datase
     assert "Traceback" not in result.stderr
     out = tmp_path / "out"
     assert not (out / "result.json").exists() and not list(out.glob("*.safetensors"))
+
+
+def test_eval_loss_is_the_saved_models_loss_on_the_held_out_examples(tmp_path, chat_dataset):
+    """Recomputed here from the saved weights, one example at a time without packing: on the
+    examples the split held out it is the reported evalLoss; on the training examples it is not
+    (an eval over training rows would pass every "loss goes down" check)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer import data
+
+    config, result = train(tmp_path, chat_dataset, **{"method.type": "full"})
+    out = tmp_path / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    records = [json.loads(line) for line in chat_dataset.read_text().splitlines()]
+    sequences = data.tokenize_all(records, "chat", tokenizer, config["training"]["maxSeqLength"])
+    trained_on, held_out = data.split(sequences, config["dataset"]["validationSplit"], config["training"]["seed"])
+    assert len(held_out) == 5 and not {tuple(s.input_ids) for s in held_out} & {tuple(s.input_ids) for s in trained_on}
+
+    def loss_per_target_token(examples):
+        total = targets = 0.0
+        with torch.no_grad():
+            for example in examples:
+                logits = model(torch.tensor([example.input_ids])).logits[0, :-1]
+                labels = torch.tensor(example.labels[1:])
+                total += F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum").item()
+                targets += (labels != -100).sum().item()
+        return total / targets
+
+    reported = result["metrics"]["evalLoss"]
+    assert loss_per_target_token(held_out) == pytest.approx(reported, rel=1e-3)
+    assert loss_per_target_token(trained_on) != pytest.approx(reported, rel=1e-2)

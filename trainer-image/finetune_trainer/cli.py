@@ -1,7 +1,7 @@
 """`finetune-trainer --config FILE`: run one fine-tuning job.
 
 Exit codes (finetune_trainer.protocol): 0 done (result.json written), 2 bad config or data
-(one line on stderr, no traceback), 143 stopped by SIGTERM after checkpointing, 1 anything
+(one line on stderr, no traceback), 3 output.dir belongs to another job (likewise), 143 stopped by SIGTERM after checkpointing, 1 anything
 else (with a traceback: that is a bug or an infrastructure failure).
 """
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(config)
     except UserError as exc:
-        return _fail(str(exc), protocol.EXIT_USER_ERROR, termination_path)
+        return _fail(str(exc), exc.exit_code, termination_path)
     except Preempted as exc:
         return _fail(str(exc), protocol.EXIT_PREEMPTED, termination_path)
     except Exception as exc:  # a bug or an infrastructure failure: keep the traceback

@@ -229,6 +229,10 @@ class BaseModelConfig(BaseModelOptions):
     )
     token_file: str | None = Field(None, description="file holding the hub token; never logged")
     cache_dir: str | None = Field(None, description="hub cache directory for hf://; default HF_HOME")
+    volume_root: str | None = Field(
+        None, description="the directory the files must stay inside once symlinks are resolved (the volume's "
+        "mount); a file that resolves outside it is refused. null: no confinement"
+    )
 
     @field_validator("source")
     @classmethod
@@ -265,6 +269,10 @@ class BaseModelConfig(BaseModelOptions):
 
 class DatasetConfig(DatasetOptions):
     path: str = Field(description="local JSONL file, one example per line")
+    volume_root: str | None = Field(
+        None, description="the directory the files must stay inside once symlinks are resolved (the volume's "
+        "mount); a file that resolves outside it is refused. null: no confinement"
+    )
 
 
 class OutputConfig(ContractModel):
@@ -273,6 +281,15 @@ class OutputConfig(ContractModel):
 
 class CheckpointingConfig(CheckpointingOptions):
     dir: str | None = Field(None, description="default <output.dir>/checkpoints")
+    key_file: str | None = Field(
+        None, description="file holding the job's checkpoint key (the operator mounts it from the job's "
+        "<job>-checkpoint-key Secret): checkpoints are signed with it and resumed only if their signature and "
+        "files verify. null: unsigned checkpoints, resumed unverified (local runs)"
+    )
+    key_sha256: str | None = Field(
+        None, pattern=SHA256_HEX, description="SHA-256 of the key in keyFile, as the operator generated it; a key "
+        "file with another digest (a replaced Secret) is refused"
+    )
 
 
 class ReportingConfig(ContractModel):
@@ -332,6 +349,10 @@ class PublishConfig(ContractModel):
 
 class JobConfig(ContractModel):
     job_name: str = Field(min_length=1)
+    job_uid: str | None = Field(
+        None, max_length=64, description="the FineTuneJob's UID; with jobName, the owner of output.dir and of its "
+        "checkpoints: a directory another job owns is refused, and only this job's own checkpoints are resumed"
+    )
     base_model: BaseModelConfig
     dataset: DatasetConfig
     method: MethodConfig = Field(default_factory=MethodConfig)

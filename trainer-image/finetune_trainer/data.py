@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_trainer import ownership
 from finetune_trainer.config import DatasetConfig
 from finetune_trainer.errors import DataError
 
@@ -50,6 +51,16 @@ def sha256_of_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def dataset_file(config: DatasetConfig) -> Path:
+    """The dataset file, symlinks resolved; refused if they lead outside its volume (volumeRoot)."""
+    return ownership.confined(config.path, config.volume_root, "dataset.path")
+
+
+def dataset_digest(config: DatasetConfig) -> str:
+    """SHA-256 of the dataset (the job's own when it names one: read_examples checked it)."""
+    return config.sha256 or sha256_of_file(dataset_file(config))
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
@@ -90,7 +101,7 @@ def _check_record(record: Any, fmt: str) -> str | None:
 
 def read_examples(config: DatasetConfig) -> tuple[list[dict[str, Any]], str, int]:
     """Read and validate every line. Returns (records, format, number of skipped lines)."""
-    path = Path(config.path)
+    path = dataset_file(config)
     if not path.is_file():
         raise DataError(f"dataset.path: {path} does not exist or is not a file")
     if config.sha256 is not None:

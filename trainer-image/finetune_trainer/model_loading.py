@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from finetune_trainer import presets
+from finetune_trainer import ownership, presets
 from finetune_trainer.config import BaseModelConfig, MethodConfig
 from finetune_trainer.errors import ConfigError
 
@@ -76,9 +76,11 @@ def resolve_model_dir(config: BaseModelConfig) -> Path | None:
         return None
     if config.hub_repo_id is not None:
         return fetch_hub_snapshot(config)
-    path = Path(config.source)
+    # Every file the loaders may open there resolves inside the volume (no symlink out of it).
+    ownership.confined_tree(config.source, config.volume_root, "baseModel.source")
+    path = ownership.confined(config.source, config.volume_root, "baseModel.source")
     if not (path / "config.json").is_file():
-        raise ConfigError(f"baseModel.source: {path} is not a directory holding a model (no config.json)")
+        raise ConfigError(f"baseModel.source: {config.source} is not a directory holding a model (no config.json)")
     return path
 
 

@@ -8,9 +8,12 @@ them instead of copying magic values.
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1  # a bug or an environment failure: a traceback is printed
 EXIT_USER_ERROR = 2  # bad config or bad data: one clear line, no traceback
+EXIT_DESTINATION_IN_USE = 3  # output.dir belongs to another job (its owner file): one line, no traceback
 EXIT_PREEMPTED = 143  # SIGTERM: a checkpoint was saved, rerunning resumes (128 + 15)
 
 RESULT_FILE = "result.json"
+# Written into output.dir before anything else, naming the job that owns it (docs/outputs.md).
+OWNER_FILE = ".finetune-owner.json"
 MODEL_MANIFEST_FILE = "model.yaml"
 
 # When reporting.progressFile is null, each progress record goes to stdout as one line:
@@ -23,7 +26,7 @@ TERMINATION_MESSAGE_LIMIT = 4096
 # The `event` of a progress record after each optimizer step (others: "started", "eval").
 PROGRESS_EVENT = "progress"
 
-# A user error (EXIT_USER_ERROR) is this prefix and one line on stderr.
+# A user error (EXIT_USER_ERROR, EXIT_DESTINATION_IN_USE) is this prefix and one line on stderr.
 USER_ERROR_PREFIX = "finetune-trainer: error: "
 
 

@@ -1,5 +1,6 @@
 """The training run, top to bottom.
 
+  0. claim output.dir for this job (ownership.py: another job's directory is refused untouched)
   1. read and validate the dataset (fails fast, before any model is loaded)
   2. join the process group (torchrun env, or a group of one)
   3. load the base model's tokenizer; tokenize, split, pack
@@ -24,7 +25,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune_trainer import data
+from finetune_trainer import data, ownership
+from finetune_trainer.checkpoint_integrity import load_key as load_checkpoint_key
 from finetune_trainer.config import JobConfig
 from finetune_trainer.errors import ConfigError, TrainingDiverged
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE
@@ -66,12 +68,18 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
     stop = StopRequest()
     output_dir = Path(config.output.dir)
     if os.environ.get("RANK", "0") == "0":
+        # Before anything in output.dir is touched: it is this job's, or the run stops here
+        # (DestinationInUse) and leaves another job's outputs and checkpoints as they are.
+        ownership.claim(output_dir, config.job_name, config.job_uid)
         # A result.json left by an earlier attempt must never outlive a failure of this one.
         clear_stale_results(output_dir)
 
     # 1. The dataset, before anything slow.
     records, fmt, skipped_lines = data.read_examples(config.dataset)
     log.info("dataset %s: %d examples, format %s", config.dataset.path, len(records), fmt)
+    # The job's checkpoint key, also before anything slow: checkpoints are resumed only if
+    # signed with it, and saved signed with it (checkpoint_integrity).
+    checkpoint_key = load_checkpoint_key(config.checkpointing.key_file, config.checkpointing.key_sha256)
 
     import torch
     import transformers
@@ -148,8 +156,8 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         # 6. Resume.
         checkpoint_root = config.checkpoint_dir
         checkpointing.clear_incomplete(checkpoint_root, dist.is_main)
-        fingerprint = checkpointing.config_fingerprint(config, dist.world_size)
-        state = checkpointing.load_latest(engine, checkpoint_root, fingerprint, dist) or {
+        fingerprint = checkpointing.config_fingerprint(config, dist.world_size, data.dataset_digest(config.dataset))
+        state = checkpointing.load_latest(engine, checkpoint_root, fingerprint, dist, checkpoint_key) or {
             "fingerprint": fingerprint,
             "step": 0,
             "tokensSeen": 0,
@@ -209,7 +217,8 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
             )
             checkpoint_due = step % config.checkpointing.every_steps == 0 and step < steps.total_steps
             if checkpoint_due or (stop_votes and step > last_saved_step):
-                path = checkpointing.save(engine, checkpoint_root, step, state, config.checkpointing.keep, dist)
+                path = checkpointing.save(engine, checkpoint_root, step, state, config.checkpointing.keep, dist,
+                                          checkpoint_key)
                 last_saved_step = step
                 reporter.emit({"event": "checkpoint", "step": step, "path": str(path)})
             if stop_votes:
