@@ -8,7 +8,7 @@ KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 BIN := $(HOME)/.cache/finetune-operator/bin
 export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 
-.PHONY: help venv binaries constraints crds check-crds cluster cluster-down operator test test-unit test-integration demo docs trainer-image image clean
+.PHONY: help venv binaries constraints crds check-crds cluster cluster-down operator test test-unit test-integration demo mutation docs trainer-image image clean
 
 help:
 	@echo "make demo | test | cluster | cluster-down | operator | crds | trainer-image | image"
@@ -57,6 +57,10 @@ test-unit: venv
 
 demo: venv
 	hack/demo.sh
+
+# Mutation testing of the operator's and trainer's core modules (hack/mutation.sh); not in `make test`.
+mutation: venv
+	hack/mutation.sh
 
 # docs/api.md from the CRD schemas (tests/docs fails when it drifts).
 docs: venv

@@ -51,8 +51,11 @@ mkdir -p "$LOGS" "$PIDS"
 say "Preparing volumes in .demo/ (data: the quickstart dataset; models: the output)"
 mkdir -p "$DEMO_DIR/data" "$DEMO_DIR/models"
 # The trainer runs as uid 1000 (build_job's securityContext) and hostPath volumes keep their
-# owners: the output directory must be its.
+# owners: the output claim must be its. The job's destination is mounted by subPath, which the
+# kubelet creates as root with this directory's mode: setgid and group-writable, so the new
+# directory is the trainer's group's to write (docs/outputs.md).
 chown 1000:1000 "$DEMO_DIR/models"
+chmod 2775 "$DEMO_DIR/models"
 cp examples/data/quickstart.jsonl "$DEMO_DIR/data/"
 # A fresh run: the previous quickstart job, its Model and its output go first.
 kubectl -n "$NAMESPACE" delete finetunejob quickstart --ignore-not-found --wait=true >>"$LOGS/demo.log" 2>&1 || true

@@ -24,6 +24,33 @@ class VolumeError(Exception):
     """A volume cannot be set up yet (e.g. its ConfigMap is missing); retried like the kubelet."""
 
 
+def sub_path(volume_dir: Path, sub: str) -> Path:
+    """The host directory a volumeMount's subPath names, created if missing, as the kubelet does:
+    never outside the volume. The API server already refuses an absolute subPath or one with
+    '..'; a symlink inside the volume could still lead out (to the node's files), so every
+    component is resolved and must stay in the volume, and missing ones are created one at a
+    time (mkdir never follows a link). The kubelet refuses such a subPath and retries (the
+    container waits in CreateContainerConfigError); so does this node (VolumeError). Returns the
+    resolved directory, which is what gets mounted."""
+    parts = [p for p in sub.split("/") if p not in ("", ".")]
+    if sub.startswith("/") or ".." in parts:
+        raise ValueError(f"subPath {sub!r} must be a relative path without '..'")
+    root = volume_dir.resolve()
+    current = root
+    for part in parts:
+        candidate = current / part
+        if not candidate.is_symlink() and not candidate.exists():
+            try:
+                candidate.mkdir()
+            except FileExistsError:  # made meanwhile: resolved below like any other
+                pass
+        resolved = candidate.resolve()
+        if resolved != root and not resolved.is_relative_to(root):
+            raise VolumeError(f"subPath {sub!r}: {candidate} leads outside the volume (to {resolved})")
+        current = resolved
+    return current
+
+
 def _write_files(root: Path, data: dict[str, bytes], source: Obj, default_mode: int) -> None:
     """Write keys as files, honouring items (key -> path, mode) and defaultMode."""
     if root.exists():

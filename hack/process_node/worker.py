@@ -289,9 +289,8 @@ class PodWorker:
                 raise ValueError(f"volumeMount {m['name']!r}: no such volume")
             source = paths[m["name"]]
             if m.get("subPath"):
-                source = source / m["subPath"]
-                if not source.exists():
-                    source.mkdir(parents=True)  # the kubelet creates a missing subPath as a directory
+                # Created when missing, as the kubelet does, and confined to the volume (symlinks too).
+                source = volumes.sub_path(source, m["subPath"])
             mounts.append(Mount(source, m["mountPath"], bool(m.get("readOnly"))))
         names = dns.pod_names(self.pod, self.config.node_ip, list(self.config.cluster_dns), self.config.cluster_domain)
         # The kubelet's managed files, unless the container mounts its own there.

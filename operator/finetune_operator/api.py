@@ -12,8 +12,11 @@ imports neither Kopf nor torch.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from finetune_trainer.config import (
     PRESET_NAMES,
@@ -31,7 +34,7 @@ from finetune_trainer.config import (
 from finetune_trainer.model_manifest import API_VERSION, ModelMetrics, ModelSpec
 from finetune_trainer.model_manifest import GROUP as GROUP
 from finetune_trainer.model_manifest import VERSION as VERSION
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 
@@ -39,14 +42,136 @@ from pydantic.alias_generators import to_camel
 # pod labels (63 characters), so leave room for the suffixes the operator adds.
 MAX_JOB_NAME_LENGTH = 50
 
+# One regex dialect. The API server reads `pattern` and CEL `matches()` with Go's RE2, pydantic
+# with Rust's regex crate and the Python twins below with `re`; they agree only on explicit ASCII
+# classes. Shorthands (\s, \w, \d, \b, \p{..}) differ: RE2's \s is ASCII whitespace, Rust's is
+# Unicode (a non-breaking space in a path passed one and failed the other). No backslashes either
+# (write [.] rather than \.): the same text goes into CEL string literals.
+# tests/unit/test_spec_rules.py fails on any pattern that breaks this.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-MODEL_SOURCE = r"^(hf|pvc|s3|oci|preset)://[^\s]+$"
-DATASET_SOURCE = r"^(pvc|https|s3|configmap|hf)://[^\s]+$"
-OUTPUT_DESTINATION = r"^(pvc|s3|oci)://[^\s]+$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Printable ASCII but the space: no whitespace of any alphabet, nothing either engine reads differently.
+_URI_REST = r"[!-~]+$"
+MODEL_SOURCE = r"^(hf|pvc|s3|oci|preset)://" + _URI_REST
+DATASET_SOURCE = r"^(pvc|https|s3|configmap|hf)://" + _URI_REST
+OUTPUT_DESTINATION = r"^(pvc|s3|oci)://" + _URI_REST
+# A label value (also a taint's value, and a node's instance type): at most 63 characters.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_VALUE = rf"^({_LABEL_NAME})?$"
+# A label key (also a taint's key): an optional DNS-subdomain prefix and '/', then a name.
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$"
+MAX_LABEL_PREFIX = 253
 
 
-NO_PARENT_SEGMENTS = {"x-kubernetes-validations": [Rule("!self.matches('(^|/)[.][.](/|$)')", "must not contain '..' path segments").to_cel()]}
+@dataclass(frozen=True)
+class Check:
+    """A rule on one value, written once: `cel` for the API server (the value spelled `{v}`), and
+    `holds` for the operator's parser and local runs."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+
+    def on(self, subject: str = "self") -> str:
+        return self.cel.replace("{v}", subject)
+
+    def to_cel(self) -> dict[str, str]:
+        return {"rule": self.on(), "message": self.message}
+
+
+def matching(regex: str, message: str) -> Check:
+    """`regex` for both validators (CEL `matches()` is RE2, `re.fullmatch` the twin)."""
+    if "'" in regex or "\\" in regex:
+        raise ValueError(f"{regex!r}: no quotes or backslashes (it is written into a CEL string)")
+    return Check(f"{{v}}.matches('{regex}')", message, lambda v, r=re.compile(regex): r.fullmatch(v) is not None)
+
+
+def each_key(check: Check, message: str) -> Check:
+    """`check` on every key of a map (the API server keeps no schema for keys, only CEL on the map)."""
+    return Check(f"self.all(k, {check.on('k')})", message, lambda m: all(check.holds(k) for k in m))
+
+
+def checked(*checks: Check) -> tuple[Any, ...]:
+    """Annotated metadata that puts `checks` into the CRD (x-kubernetes-validations on the value)
+    and runs their twins when the operator parses it."""
+    def validate(value):
+        if value is not None:
+            for check in checks:
+                if not check.holds(value):
+                    raise ValueError(check.message)
+        return value
+    return (Field(json_schema_extra={"x-kubernetes-validations": [c.to_cel() for c in checks]}), AfterValidator(validate))
+
+
+def _strings(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+# --- Kubernetes quantities: cpu and memory ------------------------------------------------------
+
+# The grammar of k8s.io/apimachinery's ParseQuantity, which CEL's isQuantity() applies: a signed
+# decimal (digits, digits., digits.digits or .digits; all optional) and one suffix: a binary SI
+# (Ki..Ei), a decimal SI (n, u, m, "", k, M, G, T, P, E) or an exponent (e or E, signed int64).
+_QUANTITY = re.compile(r"([+-]?)([0-9]+([.][0-9]*)?|[.][0-9]*)?(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE]([+-]?[0-9]+))?")
+
+
+def _positive_quantity(text: str) -> bool:
+    m = _QUANTITY.fullmatch(text)
+    if not text or m is None:
+        return False
+    if m.group(5) is not None and not -(2**63) <= int(m.group(5)) < 2**63:
+        return False
+    return m.group(1) != "-" and any(c in "123456789" for c in m.group(2) or "")
+
+
+POSITIVE_QUANTITY = Check(
+    "isQuantity({v}) && quantity({v}).isGreaterThan(quantity('0'))",
+    "must be a positive quantity, for example 8, 1500m, 512Mi or 64Gi (Ki, Mi, Gi: powers of 1024; "
+    "k, M, G: powers of 1000; m: thousandths; suffixes are case-sensitive)",
+    _positive_quantity,
+)
+Quantity = Annotated[str, Field(max_length=32), *checked(POSITIVE_QUANTITY)]
+
+
+# --- node labels, taints and the keys a job may not use -----------------------------------------
+
+# Keys of the operator's own node pools and of other tenants' dedicated nodes: its Karpenter pools
+# are labelled finetune.ai/job-uid and karpenter.sh/nodepool, tainted finetune.ai/job=<uid>
+# (provisioning.py); control-plane nodes carry node-role.kubernetes.io/*. A job that could
+# select or tolerate these could land on another job's nodes.
+RESERVED_KEY_PREFIXES = ("finetune.ai/", "node-role.kubernetes.io/")
+RESERVED_KEYS = ("karpenter.sh/nodepool",)
+# The one finetune.ai/ key meant for jobs: the label and taint an administrator puts on nodes set
+# aside for fine-tuning (the local cluster's node, hack/node.sh; examples/quickstart.yaml). The
+# operator never sets it.
+USER_KEYS = ("finetune.ai/local-node",)
+
+LABEL_KEY_CHECK = Check(
+    f"{{v}}.matches('{LABEL_KEY}') && {{v}}.indexOf('/') <= {MAX_LABEL_PREFIX}",
+    "must be a label key: an optional DNS-subdomain prefix (at most 253 characters) and '/', then a name "
+    "of at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+    lambda v, r=re.compile(LABEL_KEY): r.fullmatch(v) is not None and v.find("/") <= MAX_LABEL_PREFIX,
+)
+UNRESERVED_KEY = Check(
+    f"{{v}} in {_strings(USER_KEYS)} || !({{v}} in {_strings(RESERVED_KEYS)} || "
+    + " || ".join(f"{{v}}.startsWith('{p}')" for p in RESERVED_KEY_PREFIXES) + ")",
+    "must not be reserved for the operator's and other tenants' dedicated nodes: "
+    f"{', '.join(p + '*' for p in RESERVED_KEY_PREFIXES)}, {', '.join(RESERVED_KEYS)}",
+    lambda v: v in USER_KEYS or not (v in RESERVED_KEYS or v.startswith(RESERVED_KEY_PREFIXES)),
+)
+LABEL_VALUE_CHECK = matching(
+    LABEL_VALUE,
+    "must be a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter "
+    "or digit",
+)
+LabelValue = Annotated[str, Field(max_length=63), *checked(LABEL_VALUE_CHECK)]
+TaintKey = Annotated[str, Field(max_length=317), *checked(LABEL_KEY_CHECK, UNRESERVED_KEY)]
+# The trainer's work is not a URI path a parent segment may climb out of.
+NO_PARENT_SEGMENTS = Check(
+    "!{v}.matches('(^|/)[.][.](/|$)')",
+    "must not contain '..' path segments",
+    lambda v: re.search("(^|/)[.][.](/|$)", v) is None,
+)
 
 
 class ApiModel(ContractModel):
@@ -61,7 +186,7 @@ class StatusModel(ApiModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
-SecretName = Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+SecretName = Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)]
 
 
 # --- spec ------------------------------------------------------------------------------------
@@ -70,9 +195,9 @@ SecretName = Annotated[str, Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]
 class BaseModelSpec(BaseModelOptions, ApiModel):
     """The model to fine-tune."""
 
-    source: str = Field(
+    source: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=MODEL_SOURCE, json_schema_extra=NO_PARENT_SEGMENTS,
+        pattern=MODEL_SOURCE,
         description="Where the base model comes from: hf://ORG/NAME (Hugging Face hub), pvc://CLAIM/PATH "
         "(a directory on a PersistentVolumeClaim), s3://BUCKET/PREFIX, oci://REGISTRY/REPO:TAG, or "
         f"preset://NAME for the built-in random-init configs ({', '.join(PRESET_NAMES)}).",
@@ -87,9 +212,9 @@ class BaseModelSpec(BaseModelOptions, ApiModel):
 class DatasetSpec(DatasetOptions, ApiModel):
     """The training data: JSON lines in chat, prompt-completion or text format."""
 
-    source: str = Field(
+    source: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=DATASET_SOURCE, json_schema_extra=NO_PARENT_SEGMENTS,
+        pattern=DATASET_SOURCE,
         description="Where the JSONL data comes from: pvc://CLAIM/PATH, https://URL, s3://BUCKET/KEY, "
         "configmap://NAME/KEY, or hf://ORG/NAME.",
     )
@@ -116,13 +241,14 @@ class ResourcesSpec(ApiModel):
     accelerators_per_node: int = Field(
         default=1, ge=0, le=64, description="Accelerators per pod; also the number of trainer processes per node."
     )
-    instance_type: str | None = Field(
+    instance_type: Annotated[str, Field(min_length=1), *checked(LABEL_VALUE_CHECK)] | None = Field(
         default=None,
-        max_length=128,
-        description="Cloud instance type to provision (node.kubernetes.io/instance-type); any type that fits when unset.",
+        max_length=63,
+        description="Cloud instance type to provision (node.kubernetes.io/instance-type, so a label value); any type "
+        "that fits when unset.",
     )
-    cpu: str = Field(default="8", max_length=32, pattern=QUANTITY, description="CPU request per pod (a quantity).")
-    memory: str = Field(default="64Gi", max_length=32, pattern=QUANTITY, description="Memory request per pod (a quantity).")
+    cpu: Quantity = Field(default="8", description="CPU request per pod (a quantity: 8, 1500m).")
+    memory: Quantity = Field(default="64Gi", description="Memory request and limit per pod (a quantity: 64Gi, 512Mi).")
 
 
 class NodeClassRef(ApiModel):
@@ -134,11 +260,35 @@ class NodeClassRef(ApiModel):
 
 
 class Toleration(ApiModel):
-    """A pod toleration, as in the core API."""
+    """A pod toleration, as in the core API, less what would let a job onto nodes that are not
+    meant for it: a key is required (an empty key with Exists tolerates every taint) and may not
+    be one of the reserved keys."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key the toleration applies to.")
+    RULES = (
+        Rule(
+            "has(self.key) && self.key != ''",
+            "a toleration needs a key: an empty key (which the API server allows only with operator Exists) "
+            "tolerates every taint, other tenants' dedicated nodes included",
+            ".key",
+            lambda t: bool(t.key),
+        ),
+        Rule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "value must be empty when operator is Exists",
+            ".value",
+            lambda t: t.operator != "Exists" or not t.value,
+        ),
+        Rule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "tolerationSeconds applies only to effect NoExecute",
+            ".effect",
+            lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+        ),
+    )
+
+    key: TaintKey | None = Field(default=None, description="Taint key the toleration applies to (required here).")
     operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(default=None, max_length=63, description="Taint value to match with Equal.")
+    value: LabelValue | None = Field(default=None, description="Taint value to match with Equal; empty with Exists.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; all effects when empty."
     )
@@ -162,8 +312,12 @@ class NodePoolSpec(ApiModel):
     capacity_type: Literal["on-demand", "spot"] = Field(
         default="on-demand", description="Karpenter capacity type for provisioned nodes."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
-        default=None, max_length=32, description="Node labels the trainer pods require (existing mode)."
+    node_selector: Annotated[dict[str, LabelValue], Field(max_length=32), *checked(
+        each_key(LABEL_KEY_CHECK, "keys " + LABEL_KEY_CHECK.message.replace("must be a label key", "must be label keys")),
+        each_key(UNRESERVED_KEY, "keys " + UNRESERVED_KEY.message),
+    )] | None = Field(
+        default=None, description="Node labels the trainer pods require (existing mode). Keys reserved "
+        f"for dedicated nodes ({', '.join(p + '*' for p in RESERVED_KEY_PREFIXES)}, {', '.join(RESERVED_KEYS)}) are refused.",
     )
     tolerations: list[Toleration] | None = Field(
         default=None, max_length=32, description="Tolerations added to the trainer pods (existing mode)."
@@ -173,9 +327,9 @@ class NodePoolSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where the fine-tuned weights are written and under which Model name they are published."""
 
-    destination: str = Field(
+    destination: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=OUTPUT_DESTINATION, json_schema_extra=NO_PARENT_SEGMENTS,
+        pattern=OUTPUT_DESTINATION,
         description="Where the adapter (or full weights) go: pvc://CLAIM/PATH, s3://BUCKET/PREFIX or "
         "oci://REGISTRY/REPO:TAG.",
     )
@@ -185,8 +339,8 @@ class OutputSpec(ApiModel):
     model_name: str | None = Field(
         default=None,
         max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of the Model resource to publish; defaults to the job's name.",
+        pattern=DNS_SUBDOMAIN,
+        description="Name of the Model resource to publish (a DNS subdomain); defaults to the job's name.",
     )
 
 

@@ -84,7 +84,12 @@ def _section(path: str, node: dict[str, Any], out: list[str]) -> None:
             default = f"`{yaml.safe_dump(child['default'], default_flow_style=True).strip().removesuffix('...').strip()}`"
         else:
             default = ""
-        description = " ".join([_cell(child.get("description", ""))] + [f"*{c}*" for c in _constraints(child)]).strip()
+        constraints = _constraints(child)
+        if obj is None:  # a value's own rules (an object's are listed in its section)
+            for part in (child, child.get("items") or {}, child.get("additionalProperties") or {}):
+                constraints += [f"rule: {r.get('message') or r['rule']}" for r in part.get("x-kubernetes-validations") or []
+                                if "oldSelf" not in r["rule"]]
+        description = " ".join([_cell(child.get("description", ""))] + [f"*{_cell(c)}*" for c in constraints]).strip()
         out.append(f"| {field} | {_type(child)} | {default} | {description} |")
     out.append("")
     rules = node.get("x-kubernetes-validations") or []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import finetune_trainer.cli as trainer_cli  # torch-free at import: only its module name is used
 import yaml
 
-from . import failures, naming, provisioning, sources, trainer_config
+from . import checkpoint_key, failures, naming, provisioning, sources, trainer_config
 from .api import FineTuneJob
 from .naming import TRAINER_CONTAINER
 from .progress import AUDIENCE as PROGRESS_AUDIENCE
@@ -16,8 +16,10 @@ from .settings import OperatorSettings
 RENDEZVOUS_PORT = 29500
 
 
-def build_config_map(job: FineTuneJob, settings: OperatorSettings) -> dict:
-    config = trainer_config.render(job, progress_url=settings.progress_url)
+def build_config_map(job: FineTuneJob, settings: OperatorSettings, checkpoint_key_sha256: str | None = None) -> dict:
+    """`checkpoint_key_sha256`: the digest of the key in the job's checkpoint-key Secret
+    (checkpoint_key.py); the trainer refuses a key file with another digest."""
+    config = trainer_config.render(job, progress_url=settings.progress_url, checkpoint_key_sha256=checkpoint_key_sha256)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -48,6 +50,32 @@ def build_service(job: FineTuneJob) -> dict:
             "publishNotReadyAddresses": True,  # rendezvous happens before anything is Ready
             "selector": {naming.JOB_LABEL: job.metadata.name, naming.COMPONENT_LABEL: "trainer"},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def build_network_policy(job: FineTuneJob) -> dict:
+    """Who may reach a job's trainer pods: the job's own pods, on any port (torchrun's
+    rendezvous, NCCL's and the process group's sockets use ports chosen at run time), and anyone
+    on the metrics port (Prometheus lives in some other namespace). Enforced where the cluster's
+    network plugin implements NetworkPolicy; pods in the node's network are outside its reach."""
+    own_pods = {naming.JOB_LABEL: job.metadata.name, naming.COMPONENT_LABEL: "trainer"}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": naming.trainer_name(job),
+            "namespace": job.metadata.namespace,
+            "labels": naming.labels(job),
+            "ownerReferences": [naming.owner_reference(job)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": own_pods},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": own_pods}}]},
+                {"ports": [{"port": trainer_config.METRICS_PORT, "protocol": "TCP"}]},
+            ],
         },
     }
 
@@ -92,19 +120,27 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
     volumes = [
         {"name": "config", "configMap": {"name": naming.config_map_name(job)}},
         {"name": "tmp", "emptyDir": {}},
-        *[m.volume() for m in mounts],
+        *sources.volumes_of(mounts),
     ]
     volume_mounts = [
         {"name": "config", "mountPath": trainer_config.CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
         *[m.volume_mount() for m in mounts],
     ]
-    if spec.base_model.credentials_secret:
+    if trainer_config.uses_base_model_token(job):
+        # Only the `token` key, and only for a source that needs one (hf://): the trainer never
+        # sees the rest of the Secret, and a Secret named for a pvc:// or preset:// source is not
+        # mounted at all (a user who cannot read Secrets cannot have one copied out this way).
         volumes.append({
             "name": "base-model-credentials",
-            "secret": {"secretName": spec.base_model.credentials_secret, "defaultMode": 0o400},
+            "secret": {"secretName": spec.base_model.credentials_secret, "defaultMode": 0o400,
+                       "items": [{"key": trainer_config.TOKEN_KEY, "path": trainer_config.TOKEN_KEY}]},
         })
         volume_mounts.append({"name": "base-model-credentials", "mountPath": trainer_config.TOKEN_DIR, "readOnly": True})
+    # The job's checkpoint key (its one key, read-only, 0400): checkpoints are signed with it and
+    # resumed only if they verify (checkpoint_key.py, finetune_trainer.checkpoint_integrity).
+    volumes.append(checkpoint_key.volume(job))
+    volume_mounts.append(checkpoint_key.volume_mount())
     if settings.progress_url:
         # A token the kubelet binds to this pod, for the operator's progress endpoint only: the
         # operator checks it with a TokenReview and accepts reports only from this job's pods.
@@ -155,6 +191,9 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            # Chown a volume only when its root is not the group's already, not
+                            # every file of a large claim on every start.
+                            "fsGroupChangePolicy": "OnRootMismatch",
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,

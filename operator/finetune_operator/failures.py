@@ -22,11 +22,12 @@ asked for (status.world_mismatch). None is retried, and none publishes a Model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from finetune_trainer.protocol import EXIT_PREEMPTED, EXIT_USER_ERROR
+from finetune_trainer.protocol import EXIT_DESTINATION_IN_USE, EXIT_PREEMPTED, EXIT_USER_ERROR
 
 from .kubetime import parse_time
 from .naming import TRAINER_CONTAINER
@@ -35,6 +36,16 @@ from .naming import TRAINER_CONTAINER
 # How long an image pull or container config error may persist before the job fails: long
 # enough to ride out a registry hiccup, short enough not to hold nodes for nothing.
 STUCK_SECONDS = 120
+
+# How long a scheduled pod may wait for its volumes and env (a Secret, ConfigMap or claim that
+# is missing, or a mount that fails) before the job fails; the default of
+# settings.mount_timeout_seconds. Counted from scheduling, so time spent waiting for a node
+# does not count.
+MOUNT_TIMEOUT_SECONDS = 300.0
+
+# The kubelet's container waiting reasons while volumes or env cannot be set up. Either may heal
+# (the user creates the Secret, or the key), so both fail the job only after the mount timeout.
+MOUNT_WAITING_REASONS = ("ContainerCreating", "CreateContainerConfigError")
 
 # pod.status.reason values that mean the pod was disrupted, on clusters whose kubelet or
 # controllers do not (yet) set the DisruptionTarget condition.
@@ -67,6 +78,8 @@ class Rule:
     # A pending pod whose container waits for one of these reasons, for at least stuck_seconds.
     waiting_reasons: tuple[str, ...] = ()
     stuck_seconds: float = 0
+    # ... or, instead, for the operator's mount timeout since the pod was scheduled (Mounts).
+    after_mount_timeout: bool = False
     # The trainer Job failed with one of these reasons (its Failed condition).
     job_reasons: tuple[str, ...] = ()
     # What the Job controller does, rendered into the Job's podFailurePolicy; None: it counts the
@@ -101,6 +114,9 @@ RULES: tuple[Rule, ...] = (
     # Bad config or bad data: fail the whole Job at once instead of burning the backoff limit.
     # Under torchrun the container exits 1 whatever the trainer exited with; then only the
     # termination message tells, and the operator ends the Job (see operator_decides).
+    # output.dir belongs to another job (its owner file, finetune_trainer.ownership): nothing was
+    # written, and no retry can change whose it is.
+    Rule("DestinationInUse", False, "{detail}", exit_codes=(EXIT_DESTINATION_IN_USE,), job_action="FailJob"),
     Rule("InvalidInput", False, "bad configuration or data, retrying cannot help: {detail}",
          exit_codes=(EXIT_USER_ERROR,), job_action="FailJob"),
     # Exit 137 is also a plain SIGKILL, so the Job controller cannot tell OOM apart: the operator does.
@@ -115,8 +131,10 @@ RULES: tuple[Rule, ...] = (
          waiting_reasons=("InvalidImageName", "ErrImageNeverPull")),
     Rule("ImagePullFailed", False, "pod {pod} cannot pull its image ({why}): {text}",
          waiting_reasons=("ErrImagePull", "ImagePullBackOff"), stuck_seconds=STUCK_SECONDS),
+    # Volumes or env that cannot be set up: a missing Secret, ConfigMap, key or claim, a mount
+    # that fails. {text} is the kubelet's word: the waiting message, else its FailedMount event.
     Rule("ConfigError", False, "pod {pod} cannot start: {text}",
-         waiting_reasons=("CreateContainerConfigError",), stuck_seconds=STUCK_SECONDS),
+         waiting_reasons=MOUNT_WAITING_REASONS, after_mount_timeout=True),
     # The Job controller's own decisions.
     Rule("DeadlineExceeded", False, "the job ran longer than spec.activeDeadlineSeconds: {text}",
          job_reasons=("DeadlineExceeded",)),
@@ -128,6 +146,14 @@ class Failure:
     reason: str
     message: str
     retryable: bool
+
+
+@dataclass(frozen=True)
+class Mounts:
+    """What the operator knows about the job's pods that wait for their volumes and env."""
+
+    timeout_seconds: float = MOUNT_TIMEOUT_SECONDS
+    events: Mapping[str, str] = field(default_factory=dict)  # pod uid -> the kubelet's latest FailedMount message
 
 
 def pod_failure_policy(container: str = TRAINER_CONTAINER, rules: tuple[Rule, ...] = RULES) -> dict:
@@ -148,7 +174,8 @@ def terminated(pod: dict) -> dict | None:
     return None
 
 
-def _waiting(pod: dict) -> dict | None:
+def waiting_state(pod: dict) -> dict | None:
+    """The trainer container's waiting state, if it waits."""
     for status in pod.get("status", {}).get("containerStatuses", []) or []:
         if status.get("name") == TRAINER_CONTAINER:
             return status.get("state", {}).get("waiting")
@@ -225,26 +252,83 @@ def latest_failure(pods: list[dict]) -> Failure | None:
     return classify(failed[-1]) if failed else None
 
 
-def stuck(pod: dict, now: datetime, rules: tuple[Rule, ...] = RULES) -> Failure | None:
-    """A pending pod that will never start (an image that cannot be pulled, a missing ConfigMap)."""
-    waiting = _waiting(pod) if pod.get("status", {}).get("phase") == "Pending" else None
+def _age(timestamp: str | None, now: datetime) -> float:
+    when = parse_time(timestamp) if timestamp else None
+    return (now - when).total_seconds() if when else 0.0
+
+
+def scheduled_since(pod: dict) -> str | None:
+    """When the pod was scheduled (its PodScheduled condition turned True), else when it was
+    created: a container waiting reason comes from a kubelet, so the pod is on a node."""
+    for cond in pod.get("status", {}).get("conditions", []) or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "True" and cond.get("lastTransitionTime"):
+            return cond["lastTransitionTime"]
+    return pod["metadata"].get("creationTimestamp")
+
+
+def waiting_for_mounts(pods: list[dict], now: datetime, timeout_seconds: float) -> list[dict]:
+    """The pending pods whose container has waited for its volumes or env past the mount timeout:
+    the only ones whose FailedMount events the operator reads."""
+    found = []
+    for pod in pods:
+        waiting = waiting_state(pod) if pod.get("status", {}).get("phase") == "Pending" else None
+        if waiting and waiting.get("reason") in MOUNT_WAITING_REASONS and _age(scheduled_since(pod), now) > timeout_seconds:
+            found.append(pod)
+    return found
+
+
+def mount_messages(pods: list[dict], events: list[dict]) -> dict[str, str]:
+    """pod uid -> the message of the kubelet's latest FailedMount event on that pod.
+
+    Only events about these very pods (by UID, so a pod of the same name from another attempt or
+    job does not count) and reported by the kubelet count."""
+    uids = {p["metadata"].get("uid") for p in pods} - {None}
+    found = [e for e in events
+             if e.get("reason") == "FailedMount"
+             and e.get("involvedObject", {}).get("kind") == "Pod"
+             and e.get("involvedObject", {}).get("uid") in uids
+             and "kubelet" in (e.get("source", {}).get("component"), e.get("reportingComponent"), e.get("reportingController"))]
+    found.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return {e["involvedObject"]["uid"]: e.get("message") or e.get("note") or "" for e in found}
+
+
+def stuck(pod: dict, now: datetime, rules: tuple[Rule, ...] = RULES, mounts: Mounts | None = None) -> Failure | None:
+    """A pending pod that will never start (an image that cannot be pulled, a missing Secret,
+    ConfigMap or claim, a mount that fails)."""
+    waiting = waiting_state(pod) if pod.get("status", {}).get("phase") == "Pending" else None
     if not waiting:
         return None
+    mounts = mounts or Mounts()
     why, text = waiting.get("reason", ""), waiting.get("message", "")
-    created = pod["metadata"].get("creationTimestamp")
-    age = (now - parse_time(created)).total_seconds() if created else 0
+    age = _age(pod["metadata"].get("creationTimestamp"), now)
     for rule in rules:
-        if rule.kind == "waiting" and why in rule.waiting_reasons and (not rule.stuck_seconds or age > rule.stuck_seconds):
-            return Failure(rule.reason, rule.message.format(pod=pod["metadata"]["name"], why=why, text=text, detail=text),
-                           rule.retryable)
+        if rule.kind != "waiting" or why not in rule.waiting_reasons:
+            continue
+        if rule.after_mount_timeout:
+            waited = _age(scheduled_since(pod), now)
+            if waited <= mounts.timeout_seconds:
+                continue
+            text = text or mounts.events.get(pod["metadata"].get("uid", ""), "")
+            # ContainerCreating also covers pulling the image, which takes many minutes for a
+            # large trainer image on a fresh node: only the kubelet's own word that a mount
+            # fails (a FailedMount event, or a waiting message) makes it a ConfigError.
+            if not text:
+                if why == "ContainerCreating":
+                    continue
+                text = f"its container has waited in {why} for {int(waited)}s since the pod was scheduled"
+        elif rule.stuck_seconds and age <= rule.stuck_seconds:
+            continue
+        return Failure(rule.reason, rule.message.format(pod=pod["metadata"]["name"], why=why, text=text, detail=text),
+                       rule.retryable)
     return None
 
 
-def fatal_problem(pods: list[dict], now: datetime) -> Failure | None:
+def fatal_problem(pods: list[dict], now: datetime, mounts: Mounts | None = None) -> Failure | None:
     """A failure the Job controller would retry (or wait on) forever in vain: the operator's to decide."""
     for pod in pods:
         phase = pod.get("status", {}).get("phase")
-        failure = operator_decides(pod) if phase == "Failed" else stuck(pod, now) if phase == "Pending" else None
+        failure = (operator_decides(pod) if phase == "Failed"
+                   else stuck(pod, now, mounts=mounts) if phase == "Pending" else None)
         if failure is not None:
             return failure
     return None

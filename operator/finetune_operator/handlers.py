@@ -18,6 +18,7 @@ import logging
 
 import kopf
 
+from . import crashpoints
 from .api import GROUP, TERMINAL_PHASES, VERSION
 from .naming import JOB_LABEL
 from .reconcile import JobStates, reconcile, release_node_pool_of
@@ -88,6 +89,7 @@ def _uses_karpenter(spec: dict, memo: kopf.Memo, **_) -> bool:
 
 
 @kopf.on.delete(*FTJ, when=_uses_karpenter)
-async def finetunejob_deleted(uid: str, **_) -> None:
+async def finetunejob_deleted(uid: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # By the UID alone: a job whose spec this operator cannot read must still be deletable.
     await release_node_pool_of(uid)
+    crashpoints.reached(memo.settings, crashpoints.RELEASED_NODE_POOL, namespace, name)  # the finalizer is still on

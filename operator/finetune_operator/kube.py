@@ -16,10 +16,13 @@ import kr8s.asyncio
 # kind -> (apiVersion, plural)
 RESOURCES = {
     "ConfigMap": ("v1", "configmaps"),
+    "Secret": ("v1", "secrets"),  # create and delete only: the operator may not read Secrets
     "Service": ("v1", "services"),
     "Pod": ("v1", "pods"),
     "Event": ("v1", "events"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
     "Job": ("batch/v1", "jobs"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
     "FineTuneJob": ("finetune.ai/v1alpha1", "finetunejobs"),
     "Model": ("finetune.ai/v1alpha1", "models"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
@@ -42,6 +45,16 @@ class Rejected(Exception):
         except (AttributeError, ValueError):
             message = str(exc)
         super().__init__(f"the API server refused {obj['kind']} {obj['metadata'].get('name')}: {message}")
+
+
+class NotServed(Exception):
+    """The API server answered 404 to a create: the resource type is not served (its CRD is not
+    installed), or the namespace is gone. Never success: nothing was created."""
+
+    def __init__(self, obj: dict) -> None:
+        self.kind, self.api_version = obj["kind"], obj.get("apiVersion", "")
+        super().__init__(f"the API server has no {self.api_version} {self.kind} API here (404 creating "
+                         f"{self.kind} {obj['metadata'].get('name')}): is its CustomResourceDefinition installed?")
 
 
 def _rejected(exc: kr8s.ServerError) -> bool:
@@ -78,6 +91,24 @@ async def get(kind: str, namespace: str | None, name: str) -> dict | None:
     return await _call("GET", kind, namespace, name)
 
 
+async def exists(kind: str, namespace: str | None, name: str) -> bool | None:
+    """Whether an object exists, read as metadata only; None when this operator may not look
+    (403), so a missing permission never fails a user's job."""
+    version, plural = RESOURCES[kind]
+    api = await client()
+    try:
+        async with api.call_api("GET", version=version, namespace=namespace, url=f"{plural}/{name}",
+                                headers={"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"}):
+            return True
+    except kr8s.ServerError as exc:
+        code = _status_code(exc)
+        if code == 404:
+            return False
+        if code == 403:
+            return None
+        raise
+
+
 async def list_(kind: str, namespace: str | None, selector: dict[str, str] | None = None,
                 fields: dict[str, str] | None = None) -> list[dict]:
     params = {}
@@ -91,11 +122,13 @@ async def list_(kind: str, namespace: str | None, selector: dict[str, str] | Non
 
 async def create(obj: dict) -> tuple[dict, bool]:
     """Create obj; if one of that name exists, return it instead. Returns (object, created).
-    Raises Rejected when the API server refuses the object itself."""
+    Raises Rejected when the API server refuses the object itself, NotServed on a 404."""
     meta = obj["metadata"]
     try:
         created = await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj))
-        return created or obj, True
+        if created is None:  # 404: _call's "not found", which for a create means nothing was made
+            raise NotServed(obj)
+        return created, True
     except kr8s.ServerError as exc:
         if _rejected(exc):
             raise Rejected(obj, exc) from None
@@ -107,17 +140,38 @@ async def create(obj: dict) -> tuple[dict, bool]:
     return existing, False
 
 
-async def dry_run(obj: dict) -> None:
-    """Ask the API server whether it would create obj (validation, admission, defaults), creating
-    nothing. An object of that name that exists already passes: create returns it. Raises Rejected."""
+async def create_new(obj: dict) -> bool:
+    """Create obj; False if one of that name exists (409), which is not read: for kinds the
+    operator may create but not get (Secrets). Raises Rejected when the API server refuses it,
+    NotServed on a 404."""
     meta = obj["metadata"]
     try:
-        await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj), params={"dryRun": "All"})
+        if await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj)) is None:
+            raise NotServed(obj)
+        return True
     except kr8s.ServerError as exc:
         if _rejected(exc):
             raise Rejected(obj, exc) from None
         if _status_code(exc) != 409:
             raise
+    return False
+
+
+async def dry_run(obj: dict) -> None:
+    """Ask the API server whether it would create obj (validation, admission, defaults), creating
+    nothing. An object of that name that exists already passes: create returns it. Raises Rejected,
+    or NotServed on a 404."""
+    meta = obj["metadata"]
+    try:
+        answer = await _call("POST", obj["kind"], meta.get("namespace"), content=json.dumps(obj), params={"dryRun": "All"})
+    except kr8s.ServerError as exc:
+        if _rejected(exc):
+            raise Rejected(obj, exc) from None
+        if _status_code(exc) != 409:
+            raise
+        return
+    if answer is None:
+        raise NotServed(obj)
 
 
 async def post(kind: str, namespace: str | None, obj: dict) -> dict | None:

@@ -34,23 +34,18 @@ class LeaseElector:
         self.lost = asyncio.Event()
 
     def _lease(self, current: dict | None, transitions: int) -> dict:
-        lease = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace},
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": self.lease_seconds,
-                "acquireTime": _now(),
-                "renewTime": _now(),
-                "leaseTransitions": transitions,
-            },
-        }
-        if current:
-            lease["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            if current.get("spec", {}).get("holderIdentity") == self.identity:
-                lease["spec"]["acquireTime"] = current["spec"].get("acquireTime", lease["spec"]["acquireTime"])
-        return lease
+        now = _now()
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": self.lease_seconds,
+                "acquireTime": now, "renewTime": now, "leaseTransitions": transitions}
+        if current is None:
+            return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace}, "spec": spec}
+        if current.get("spec", {}).get("holderIdentity") == self.identity:
+            spec["acquireTime"] = current["spec"].get("acquireTime", now)
+        # The Lease as read, edited: its resourceVersion makes the write a compare-and-swap, and
+        # its labels, annotations, owners and spec fields this code does not set are kept.
+        return {**current, "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "spec": {**current.get("spec", {}), **spec}}
 
     def _expired(self, current: dict) -> bool:
         version = current["metadata"]["resourceVersion"]
@@ -98,15 +93,21 @@ class LeaseElector:
             except asyncio.TimeoutError:
                 pass
             try:
-                if await self.try_acquire_or_renew():
+                # Bounded by the deadline: a call that hangs (a connection gone silent) must not
+                # keep a leader acting after a standby has taken the expired Lease.
+                left = self.renew_deadline - (time.monotonic() - last_renewed)
+                async with asyncio.timeout(max(left, 0.001)):
+                    renewed = await self.try_acquire_or_renew()
+                if renewed:
                     last_renewed = time.monotonic()
                     continue
                 log.error("leadership taken over by another replica")
             except Exception as exc:
                 if time.monotonic() - last_renewed < self.renew_deadline:
-                    log.warning("could not renew the Lease, retrying: %s", exc)
+                    log.warning("could not renew the Lease, retrying: %s", exc if str(exc) else "no answer in time")
                     continue
-                log.error("could not renew the Lease within %ss: %s", self.renew_deadline, exc)
+                log.error("could not renew the Lease within %ss: %s", self.renew_deadline,
+                          exc if str(exc) else "the API server did not answer in time")
             self.lost.set()
             stop.set()
             return

@@ -1,14 +1,16 @@
 """Entry point: `finetune-operator` (or `python -m finetune_operator`).
 
 Reads and validates the settings once (a bad value exits at once, with one line naming it),
-serves health and Prometheus metrics, waits to become leader, then runs Kopf with the handlers
-in `handlers`, the settings and the per-job state in its memo. Exits non-zero if leadership is lost, so the pod restarts as a
-candidate instead of acting alongside the new leader.
+serves health and Prometheus metrics, starts the progress endpoint's own process
+(`progress_server`), waits to become leader, then runs Kopf with the handlers in `handlers`, the
+settings and the per-job state in its memo. Exits non-zero if leadership is lost, so the pod
+restarts as a candidate instead of acting alongside the new leader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +24,7 @@ from aiohttp import web
 
 from . import handlers, login  # noqa: F401  (registers the handlers and the login)
 from .leader import LeaseElector
-from .progress import ProgressBuffer, make_app
+from .progress_server import ProgressProcess
 from .settings import OperatorSettings, load
 
 log = logging.getLogger("finetune_operator")
@@ -56,18 +58,19 @@ async def run(settings: OperatorSettings) -> int:
     prometheus_client.start_http_server(settings.metrics_port)
     # Every replica accepts verified progress reports and writes them: that is not a
     # reconciliation decision, so it needs no leadership, and trainers never hit a standby in vain.
-    buffer = ProgressBuffer(interval=settings.progress_interval_seconds)
-    progress_runner = web.AppRunner(make_app(buffer))
-    await progress_runner.setup()
-    await web.TCPSite(progress_runner, "0.0.0.0", settings.progress_port).start()
-    flusher = asyncio.create_task(buffer.flush_forever(stop))
+    # The endpoint runs in its own process, so a flood of clients cannot starve this one.
+    progress_process = ProgressProcess()
+    progress = asyncio.create_task(progress_process.run(stop))
+    # Trainers report as soon as their pods run, so the endpoint listens before this replica
+    # can lead (and create pods); a process that cannot start shows in its own log lines.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(progress_process.ready.wait(), timeout=60)
     acquiring = asyncio.create_task(elector.acquire())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         acquiring.cancel()
-        await flusher
-        await progress_runner.cleanup()
+        await progress
         await health.cleanup()
         return 0
     stopping.cancel()
@@ -88,8 +91,7 @@ async def run(settings: OperatorSettings) -> int:
         await keeper
         if not elector.lost.is_set():
             await elector.release()
-        await flusher
-        await progress_runner.cleanup()
+        await progress
         await health.cleanup()
     return 1 if elector.lost.is_set() else 0
 

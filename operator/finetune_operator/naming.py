@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from .api import FineTuneJob
+import re
+
+from .api import DNS_LABEL, FineTuneJob
 
 MANAGED_BY = "finetune-operator"
 JOB_LABEL = "finetune.ai/job"  # value: the FineTuneJob's name; selects every child
 COMPONENT_LABEL = "app.kubernetes.io/component"
 TRAINER_CONTAINER = "trainer"  # the container in every trainer pod
+
+
+def is_dns_label(name: str) -> bool:
+    """A namespace's name, and a FineTuneJob's (the CRD holds it to the same rule)."""
+    return len(name) <= 63 and re.fullmatch(DNS_LABEL, name) is not None
 
 
 def trainer_job_name(job_name: str) -> str:
@@ -43,3 +50,9 @@ def owner_reference(job: FineTuneJob) -> dict:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def controlled_by(obj: dict, uid: str | None) -> bool:
+    """Whether obj's controller (its one ownerReference with controller: true) is the object `uid`."""
+    return any(ref.get("controller") and ref.get("uid") == uid
+               for ref in (obj.get("metadata", {}).get("ownerReferences") or []))

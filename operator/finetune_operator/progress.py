@@ -15,6 +15,7 @@ Role cannot be narrowed to one object for a pod, so any trainer could write any 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -22,27 +23,36 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import httpx
+import kr8s
 from aiohttp import web
+from cachetools import TLRUCache, TTLCache
 from finetune_trainer.protocol import format_duration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import kube, naming
 from .api import TERMINAL_PHASES
+from .guard import ClientBuckets, ThrottledLog, TokenBucket
 from .kubetime import format_time
+from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "finetune.ai/progress"
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+MAX_COUNT = 2**53
+CACHE_ENTRIES = 4096  # tokens and authorization decisions kept, each; far more than live trainer pods
 
 
 class ProgressReport(BaseModel):
-    """What a trainer sends (camelCase JSON)."""
+    """What a trainer sends (camelCase JSON). Non-finite floats are accepted (a diverged loss is
+    NaN) and left out of the status, whose JSON cannot hold them; counts stay within what a JSON
+    number holds exactly."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
-    step: int = Field(ge=0)
-    total_steps: int = Field(ge=1, alias="totalSteps")
+    step: int = Field(ge=0, le=MAX_COUNT)
+    total_steps: int = Field(ge=1, le=MAX_COUNT, alias="totalSteps")
     loss: float | None = None
     tokens_per_second: float | None = Field(default=None, ge=0, alias="tokensPerSecond")
     eta: float | None = Field(default=None, ge=0, description="seconds left")
@@ -66,7 +76,7 @@ def status_progress(report: ProgressReport, now: datetime | None = None) -> dict
     }
     if report.loss is not None and math.isfinite(report.loss):
         out["loss"] = round(report.loss, 6)
-    if report.tokens_per_second is not None:
+    if report.tokens_per_second is not None and math.isfinite(report.tokens_per_second):
         out["tokensPerSecond"] = round(report.tokens_per_second, 1)
     eta = format_eta(report.eta)
     if eta:
@@ -127,50 +137,114 @@ async def _review(token: str) -> dict | None:
               "spec": {"token": token, "audiences": [AUDIENCE]}}
     result = await kube.post("TokenReview", None, review)
     status = (result or {}).get("status", {})
-    if not status.get("authenticated") or AUDIENCE not in (status.get("audiences") or [AUDIENCE]):
+    # An empty status.audiences on an authenticated token means "valid for the API server's own
+    # audience" (the TokenReview API's contract), not for ours: refuse it.
+    if not status.get("authenticated") or AUDIENCE not in (status.get("audiences") or []):
         return None
     return status.get("user")
 
 
-def make_app(buffer: ProgressBuffer) -> web.Application:
-    # Validated tokens, to spare a TokenReview per report: token -> (identity key, expiry).
-    cache: dict[str, tuple[tuple[str, str, str], float]] = {}
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str
+    name: str
+    uid: str
 
-    async def report(request: web.Request) -> web.Response:
-        namespace, name = request.match_info["namespace"], request.match_info["name"]
-        header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
-            return web.json_response({"error": "missing bearer token"}, status=401)
-        token = header.removeprefix("Bearer ").strip()
-        cached = cache.get(token)
-        if cached and cached[1] > time.monotonic():
-            pod_ns, pod_name, pod_uid = cached[0]
-        else:
-            user = await _review(token)
-            extra = (user or {}).get("extra", {})
-            if not user or not extra.get(POD_NAME_EXTRA):
-                log.warning("rejected progress for %s/%s: token is not a valid pod-bound token", namespace, name)
-                return web.json_response({"error": "token is not a pod-bound token for this audience"}, status=401)
-            pod_ns = user.get("username", "").split(":")[2] if user.get("username", "").count(":") >= 3 else ""
-            pod_name, pod_uid = extra[POD_NAME_EXTRA][0], (extra.get(POD_UID_EXTRA) or [""])[0]
-            cache[token] = ((pod_ns, pod_name, pod_uid), time.monotonic() + 60)
-        if pod_ns != namespace:
-            log.warning("rejected progress for %s/%s from pod %s/%s: other namespace", namespace, name, pod_ns, pod_name)
-            return web.json_response({"error": "forbidden"}, status=403)
+
+def pod_identity(user: dict | None) -> PodIdentity | None:
+    """The pod a reviewed token is bound to (system:serviceaccount:<ns>:<sa> plus the pod extras)."""
+    extra = (user or {}).get("extra", {})
+    parts = (user or {}).get("username", "").split(":")
+    if not extra.get(POD_NAME_EXTRA) or len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
+        return None
+    return PodIdentity(parts[2], extra[POD_NAME_EXTRA][0], (extra.get(POD_UID_EXTRA) or [""])[0])
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def make_app(buffer: ProgressBuffer, settings: OperatorSettings) -> web.Application:
+    """The progress endpoint. Work it does for a client (a TokenReview, three reads to authorize a
+    pod) is cached and rate-limited, so a client with bogus tokens or job names costs little."""
+    # sha256(token) -> the pod it is bound to (60 s), or None for a refused token (10 s).
+    identities: TLRUCache[str, PodIdentity | None] = TLRUCache(
+        maxsize=CACHE_ENTRIES, ttu=lambda _key, value, now: now + (60 if value else 10))
+    # (pod uid, namespace, job) -> may that pod report for that job (30 s).
+    decisions: TTLCache[tuple[str, str, str], bool] = TTLCache(maxsize=CACHE_ENTRIES, ttl=30)
+    reviews = TokenBucket(settings.progress_reviews_per_second, 2 * settings.progress_reviews_per_second)
+    per_client = ClientBuckets(settings.progress_lookups_per_client_per_second,
+                               4 * settings.progress_lookups_per_client_per_second)
+    warn = ThrottledLog(log)
+
+    async def identify(token: str, client: str) -> PodIdentity | None | web.Response:
+        key = hashlib.sha256(token.encode()).hexdigest()
+        if key in identities:
+            return identities[key]
+        if not per_client.take(client) or not reviews.take():
+            warn.warning("throttled", "progress endpoint: throttling token reviews (client %s)", client)
+            return _error(429, "too many unknown tokens; retry later", **{"Retry-After": "5"})
+        identities[key] = identity = pod_identity(await _review(token))
+        return identity
+
+    async def authorized(pod: PodIdentity, namespace: str, name: str, client: str) -> bool | web.Response:
+        key = (pod.uid, namespace, name)
+        if key in decisions:
+            return decisions[key]
+        if not per_client.take(client):
+            warn.warning("throttled", "progress endpoint: throttling authorization reads (client %s)", client)
+            return _error(429, "too many requests; retry later", **{"Retry-After": "5"})
         ftj = await kube.get("FineTuneJob", namespace, name)
-        pod = await kube.get("Pod", namespace, pod_name)
+        found = await kube.get("Pod", namespace, pod.name)
         trainer = await kube.get("Job", namespace, naming.trainer_job_name(name)) if ftj else None
-        if not ftj or not pod or pod["metadata"]["uid"] != pod_uid or \
-                not pod_belongs_to_job(pod, name, trainer, ftj["metadata"]["uid"]):
-            log.warning("rejected progress for %s/%s from pod %s/%s: not one of its trainer pods",
-                        namespace, name, pod_ns, pod_name)
-            return web.json_response({"error": "forbidden: not a trainer pod of this job"}, status=403)
+        decisions[key] = allowed = bool(
+            ftj and found and found["metadata"]["uid"] == pod.uid
+            and pod_belongs_to_job(found, name, trainer, ftj["metadata"]["uid"]))
+        return allowed
+
+    async def handle(request: web.Request) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        if not (naming.is_dns_label(namespace) and naming.is_dns_label(name)):
+            return _error(404, "no such job")
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or not header.removeprefix("Bearer ").strip():
+            return _error(401, "missing bearer token")
+        client = request.remote or ""
+        identity = await identify(header.removeprefix("Bearer ").strip(), client)
+        if isinstance(identity, web.Response):
+            return identity
+        if identity is None:
+            warn.warning("bad-token", "rejected progress for %s/%s: not a valid pod-bound token", namespace, name)
+            return _error(401, "token is not a pod-bound token for this audience")
+        if identity.namespace != namespace:
+            warn.warning("other-namespace", "rejected progress for %s/%s from pod %s/%s: other namespace",
+                         namespace, name, identity.namespace, identity.name)
+            return _error(403, "forbidden")
+        allowed = await authorized(identity, namespace, name, client)
+        if isinstance(allowed, web.Response):
+            return allowed
+        if not allowed:
+            warn.warning("not-trainer", "rejected progress for %s/%s from pod %s/%s: not one of its trainer pods",
+                         namespace, name, identity.namespace, identity.name)
+            return _error(403, "forbidden: not a trainer pod of this job")
         try:
-            body = ProgressReport.model_validate(await request.json())
-        except (ValidationError, ValueError) as exc:
-            return web.json_response({"error": f"invalid progress: {str(exc).splitlines()[0]}"}, status=400)
+            body = ProgressReport.model_validate_json(await request.read())
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "body"
+            return _error(400, f"invalid progress: {where}: {problem['msg']}")
         buffer.put(namespace, name, status_progress(body))
         return web.json_response({"accepted": True}, status=202)
+
+    async def report(request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(settings.progress_request_timeout_seconds):
+                return await handle(request)
+        except TimeoutError:
+            return _error(408, "request took too long")
+        except (kr8s.ServerError, OSError, httpx.HTTPError) as exc:
+            warn.warning("api-error", "progress endpoint: the API server did not answer: %s", exc)
+            return _error(503, "cannot check the token now; retry later")
 
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_post("/v1/namespaces/{namespace}/finetunejobs/{name}/progress", report)

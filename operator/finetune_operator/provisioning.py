@@ -26,6 +26,15 @@ INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 CAPACITY_TYPE_LABEL = "karpenter.sh/capacity-type"
 
 
+def api_missing(kind: str, api_version: str) -> str | None:
+    """The job's failure message when the API server does not serve an object the operator
+    creates (a 404 on create, kube.NotServed); for the NodePool: Karpenter is not installed."""
+    if kind == "NodePool" and api_version == KARPENTER_API:
+        return (f"the {KARPENTER_API.split('/')[0]} NodePool API ({KARPENTER_API}) is not installed in this cluster: "
+                "install Karpenter, or set spec.nodePool.provisioner to existing or none")
+    return None
+
+
 def provisioner_of(job: FineTuneJob, settings: OperatorSettings) -> str:
     return job.spec.node_pool.provisioner or settings.default_provisioner
 

@@ -75,6 +75,17 @@ class OperatorSettings(BaseSettings):
         "http://finetune-operator.finetune-system.svc:8082; empty disables live progress.",
     )
     progress_interval_seconds: float = Field(default=5.0, description="Shortest gap between two progress writes per job.")
+    # The progress endpoint is reachable from the pod network without credentials, so what one
+    # client can make it hold or do is bounded (progress_server, guard).
+    progress_max_connections: int = Field(default=512, ge=1, description="Open connections to the progress endpoint, all clients.")
+    progress_max_connections_per_client: int = Field(default=32, ge=1, description="Open connections per client address.")
+    progress_header_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Close a connection that has not sent a whole request head by then (and idle ones).")
+    progress_request_timeout_seconds: float = Field(default=10.0, gt=0, description="Longest time one progress request may take.")
+    progress_reviews_per_second: float = Field(
+        default=20.0, gt=0, description="TokenReviews of unknown tokens per second, all clients (twice as many at once).")
+    progress_lookups_per_client_per_second: float = Field(
+        default=5.0, gt=0, description="Uncached token reviews and authorization reads per second per client address.")
     karpenter_node_class: Annotated[NodeClassRef | None, NoDecode] = Field(
         default=None,
         description='Default Karpenter nodeClassRef as JSON, e.g. {"group":"karpenter.k8s.aws","kind":"EC2NodeClass","name":"default"}.',
@@ -88,9 +99,16 @@ class OperatorSettings(BaseSettings):
     provisioning_timeout_seconds: float = Field(
         default=900, gt=0, description="Fail a job whose trainer pods are still unscheduled after this long."
     )
+    input_timeout_seconds: float = Field(
+        default=600, gt=0, description="Fail a job whose claims, ConfigMaps or Secrets are still missing after this long.")
+    mount_timeout_seconds: float = Field(
+        default=300, gt=0, description="Fail a job (ConfigError) whose scheduled trainer pod still waits for its volumes "
+        "or env (ContainerCreating, CreateContainerConfigError: a missing Secret, key or claim) after this long.")
     # How often every live FineTuneJob is reconciled even without events: the safety net that
     # makes missed watch events harmless.
     resync_seconds: float = Field(default=30.0, gt=0)
+    crash_points_dir: str | None = Field(
+        default=None, description="Tests only: a directory of armed crash points (crashpoints.py); never set in a cluster.")
 
     @field_validator("karpenter_node_class", "cpu_pool_requirements", "gpu_pool_requirements", mode="before")
     @classmethod

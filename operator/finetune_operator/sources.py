@@ -1,9 +1,17 @@
 """Where a spec's URIs live inside the trainer pod.
 
-`pvc://CLAIM/PATH` and `configmap://NAME/KEY` become volumes mounted read-only (inputs) or
-read-write (the output); their paths are normalised and confined to the mount, so a spec can
-never point the trainer outside its volume. Other schemes are passed to the trainer as they are
-(presets, the hub) or are rejected with a clear message until a fetcher exists for them.
+`pvc://CLAIM/PATH` and `configmap://NAME/KEY` become volumes: inputs mount their whole claim or
+ConfigMap read-only at /mnt/pvc/CLAIM or /mnt/configmap/NAME; the output mounts only its own
+directory of the claim (a `subPath`), read-write, at /mnt/output, so a trainer can write its
+destination and nothing else of the claim (the kubelet creates a missing subPath, and refuses one
+that is, or passes through, a symlink leading out of the volume). Paths are normalised and
+confined to the mount, so a spec can never point the trainer outside its volume; the trainer
+also refuses input files whose symlinks resolve outside their mount (`Resolved.root`, passed to
+it as `volumeRoot`). Other schemes are passed to the trainer as they are (presets, the hub) or
+are rejected with a clear message until a fetcher exists for them.
+
+Destinations are exclusive (docs/outputs.md): `destination_key` and `overlaps` say when two
+destinations share files, one being the other or inside it.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 
 PVC_ROOT = "/mnt/pvc"
 CONFIGMAP_ROOT = "/mnt/configmap"
+OUTPUT_ROOT = "/mnt/output"  # the output destination's own directory (a subPath of its claim)
 
 _URI = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<rest>.+)$")
 
@@ -43,6 +52,7 @@ class Mount:
     read_only: bool
     claim: str | None = None  # persistentVolumeClaim
     config_map: str | None = None  # configMap
+    sub_path: str = ""  # mount only this directory of the volume ("" : all of it)
 
     def volume(self) -> dict:
         if self.claim:
@@ -50,7 +60,10 @@ class Mount:
         return {"name": self.volume_name, "configMap": {"name": self.config_map}}
 
     def volume_mount(self) -> dict:
-        return {"name": self.volume_name, "mountPath": self.mount_path, "readOnly": self.read_only}
+        mount = {"name": self.volume_name, "mountPath": self.mount_path, "readOnly": self.read_only}
+        if self.sub_path:
+            mount["subPath"] = self.sub_path
+        return mount
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,9 @@ class Resolved:
 
     value: str
     mount: Mount | None = None
+    # The directory `value` must stay inside once symlinks are resolved (its mount, or for a local
+    # run the claim's directory); None for URIs the trainer fetches itself (preset://, hf://).
+    root: str | None = None
 
 
 def split(uri: str) -> tuple[str, str]:
@@ -87,9 +103,14 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
         if claim_dirs is not None:
             if claim not in claim_dirs:
                 raise UnsupportedSource(f"{field}: no local directory for claim {claim!r}; pass --volume {claim}=DIR")
-            return Resolved(posixpath.join(claim_dirs[claim], path) if path else claim_dirs[claim])
-        mount = Mount(volume_name("pvc", claim), f"{PVC_ROOT}/{claim}", read_only=not writable, claim=claim)
-        return Resolved(posixpath.join(mount.mount_path, path) if path else mount.mount_path, mount)
+            root = claim_dirs[claim]
+            return Resolved(posixpath.join(root, path) if path else root, root=root)
+        if writable:
+            # Only the destination's own directory is mounted, read-write.
+            mount = Mount(volume_name("pvc", claim), OUTPUT_ROOT, read_only=False, claim=claim, sub_path=path)
+            return Resolved(OUTPUT_ROOT, mount, root=OUTPUT_ROOT)
+        mount = Mount(volume_name("pvc", claim), f"{PVC_ROOT}/{claim}", read_only=True, claim=claim)
+        return Resolved(posixpath.join(mount.mount_path, path) if path else mount.mount_path, mount, root=mount.mount_path)
     if scheme == "configmap" and claim_dirs is not None:
         raise UnsupportedSource(f"{field}: configmap:// needs a cluster; for a local run put the file on a --volume")
     if scheme == "configmap":
@@ -97,7 +118,7 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
         if not key or "/" in key:
             raise UnsupportedSource(f"{field}: configmap:// needs NAME/KEY, got {uri!r}")
         mount = Mount(volume_name("cm", name), f"{CONFIGMAP_ROOT}/{name}", read_only=True, config_map=name)
-        return Resolved(f"{mount.mount_path}/{key}", mount)
+        return Resolved(f"{mount.mount_path}/{key}", mount, root=mount.mount_path)
     if scheme in ("preset", "hf") and not writable:
         return Resolved(uri)
     raise UnsupportedSource(
@@ -108,12 +129,39 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
 
 
 def merge_mounts(*resolved: Resolved) -> list[Mount]:
-    """One volume per claim: the output's read-write mount wins over a read-only input mount."""
-    by_name: dict[str, Mount] = {}
+    """Each mount once (two inputs on one claim share its read-only mount). The output's subPath
+    mount is its own even when an input reads the same claim: one volume, two mounts."""
+    seen: dict[tuple[str, str], Mount] = {}
     for item in resolved:
-        if item.mount is None:
-            continue
-        seen = by_name.get(item.mount.volume_name)
-        if seen is None or (seen.read_only and not item.mount.read_only):
-            by_name[item.mount.volume_name] = item.mount
+        if item.mount is not None:
+            seen.setdefault((item.mount.volume_name, item.mount.mount_path), item.mount)
+    return list(seen.values())
+
+
+def volumes_of(mounts: list[Mount]) -> list[dict]:
+    """The pod volumes behind the mounts, one per claim or ConfigMap."""
+    by_name: dict[str, dict] = {}
+    for mount in mounts:
+        by_name.setdefault(mount.volume_name, mount.volume())
     return list(by_name.values())
+
+
+def destination_key(uri: str) -> tuple[str, ...] | None:
+    """A destination as comparable parts: (scheme, claim or bucket, path segments...), with the
+    path normalised as the trainer's mount sees it. None for a URI that is not one."""
+    try:
+        scheme, rest = split(uri)
+    except UnsupportedSource:
+        return None
+    name, _, path = rest.partition("/")
+    parts = [p for p in posixpath.normpath("/" + path).split("/") if p] if path else []
+    return (scheme, name, *parts)
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether two destinations share files: the same directory, or one inside the other."""
+    ka, kb = destination_key(a), destination_key(b)
+    if ka is None or kb is None:
+        return a == b
+    shorter = min(len(ka), len(kb))
+    return ka[:shorter] == kb[:shorter]

@@ -6,6 +6,7 @@ from any event, after any restart, as often as it likes (level-triggered, never 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -15,6 +16,7 @@ from finetune_trainer.result import InvalidResult, TrainerResult, World, parse_r
 from . import failures
 from .api import Condition, FineTuneJob, Phase
 from .kubetime import format_time, parse_time
+from .provisioning import node_pool_name
 
 CONDITION_TYPES = ("Ready", "Provisioned", "Running", "Succeeded", "Failed")
 
@@ -32,15 +34,16 @@ class Observation:
     completion_time: str | None = None
 
 
-def _job_condition(job: dict, kind: str) -> dict | None:
-    for cond in job.get("status", {}).get("conditions", []) or []:
+def true_condition(obj: dict, kind: str) -> dict | None:
+    """The object's condition of this type when it is True (a Job's Complete, a NodePool's Ready)."""
+    for cond in obj.get("status", {}).get("conditions", []) or []:
         if cond.get("type") == kind and cond.get("status") == "True":
             return cond
     return None
 
 
 def job_finished(job: dict) -> bool:
-    return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
+    return bool(true_condition(job, "Complete") or true_condition(job, "Failed"))
 
 
 def must_stop_trainer(phase: str, job: dict | None, owner_uid: str) -> bool:
@@ -89,6 +92,11 @@ def _pending_message(pods: list[dict]) -> str:
         for cond in pod.get("status", {}).get("conditions", []) or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
                 return f"pod {pod['metadata']['name']} is not scheduled: {cond.get('message', cond.get('reason', ''))}"
+    for pod in pods:
+        waiting = failures.waiting_state(pod) if pod.get("status", {}).get("phase") == "Pending" else None
+        if waiting and waiting.get("reason"):
+            message = f": {waiting['message']}" if waiting.get("message") else ""
+            return f"pod {pod['metadata']['name']} is waiting to start ({waiting['reason']}){message}"
     return "waiting for the trainer pods to start"
 
 
@@ -111,32 +119,87 @@ def world_mismatch(ftj: FineTuneJob, joined: World) -> str | None:
             f"{asked.processes_per_node} = {asked.world_size}; no Model was published")
 
 
+NO_INSTANCE_TYPE = ("no instance type satisf", "filtered out all available instance types")
+# Karpenter's refusals that can only be another NodePool's: its taints (the job's pod tolerates its
+# own pool's only taint) and its pool label (the pod selects its own pool by label). Refusals over
+# limits name their pool.
+OTHER_POOL_REFUSAL = re.compile(r"did not tolerate taint \(taint=[^)]*\)"
+                                r"|incompatible requirements, key karpenter\.sh/nodepool, .*")
+NAMED_POOL = re.compile(r"\(NodePool=([^)]*)\)")
+
+
+@dataclass(frozen=True)
+class KarpenterEvent:
+    """One of Karpenter's events on the job's trainer pod."""
+
+    reason: str
+    message: str
+    at: datetime | None = None  # when Karpenter last said it (the event's lastTimestamp)
+    pod_created: datetime | None = None  # the creationTimestamp of the pod it is about
+
+    @property
+    def refusals(self) -> list[str]:
+        """A FailedScheduling message joins one refusal per NodePool Karpenter tried, with "; "."""
+        body = self.message.removeprefix("Failed to schedule pod,")
+        return [part.strip() for part in body.split("; ") if part.strip()]
+
+
 @dataclass(frozen=True)
 class Provisioning:
     """What the operator knows about node provisioning for the job (karpenter only)."""
 
-    events: tuple[tuple[str, str], ...] = ()  # (reason, message) from Karpenter, newest last
+    events: tuple[KarpenterEvent, ...] = ()  # newest last
     timeout_seconds: float = 900
+    pool_ready_since: datetime | None = None  # the job's NodePool's Ready condition turned True
+
+
+def _another_pools(refusal: str, own_pool: str) -> bool:
+    named = NAMED_POOL.search(refusal)
+    return named.group(1) != own_pool if named else bool(OTHER_POOL_REFUSAL.fullmatch(refusal))
+
+
+def pool_left_out(event: KarpenterEvent, own_pool: str, pool_ready_since: datetime | None) -> bool:
+    """Whether Karpenter scheduled the pod without considering the job's own NodePool although it
+    was Ready: Karpenter skips a Ready pool only when its requirements match no instance type.
+
+    Karpenter names a pool it skipped nowhere in the pod's message; it says so in a NodePool event,
+    but that lands in `default`, where it could be forged, and is not read. So: every refusal is
+    another pool's, and Karpenter tried the pod after the pool was Ready (a pool not yet Ready is
+    skipped too). Timestamps have whole seconds, so "after" is either the event in a later second
+    than the readiness, or the pod created no earlier than the readiness's second: Karpenter
+    schedules a pod only once no new pod has come for its batch idle time (1 s by default), so
+    then it tried the pod after the readiness. Anything else is inconclusive and waits for the
+    provisioning timeout (Karpenter repeats an event for a pod only after 5 minutes)."""
+    if event.reason != "FailedScheduling" or pool_ready_since is None:
+        return False
+    ready = pool_ready_since.replace(microsecond=0)
+    event_later = event.at is not None and event.at.replace(microsecond=0) > ready
+    pod_later = event.pod_created is not None and event.pod_created.replace(microsecond=0) >= ready
+    if not (event_later or pod_later):
+        return False
+    return bool(event.refusals) and all(_another_pools(part, own_pool) for part in event.refusals)
 
 
 def _provisioning(ftj: FineTuneJob, job: dict, pods: list[dict], info: Provisioning, now: datetime) -> Observation:
     """Trainer pods wait for Karpenter: say what is happening, or fail when it cannot happen."""
     start_time = job.get("status", {}).get("startTime")
-    for reason, message in reversed(info.events):
-        if reason == "NoCompatibleInstanceTypes" or "no instance type satisf" in message:
+    own_pool = node_pool_name(ftj)
+    for event in reversed(info.events):
+        if any(words in event.message for words in NO_INSTANCE_TYPE) or pool_left_out(event, own_pool, info.pool_ready_since):
             return Observation("Failed", "NoInstanceType",
-                               f"no instance type satisfies the request ({_request_summary(ftj)}): {message}",
+                               f"no instance type satisfies the request ({_request_summary(ftj)}): {event.message}",
                                start_time=start_time, completion_time=format_time(now))
     waited = (now - (parse_time(job["metadata"].get("creationTimestamp")) or now)).total_seconds()
     if waited > info.timeout_seconds:
-        last = info.events[-1][1] if info.events else _pending_message(pods)
+        last = info.events[-1].message if info.events else _pending_message(pods)
         return Observation("Failed", "ProvisioningTimeout",
                            f"trainer pods not scheduled after {int(waited)}s: {last}",
                            start_time=start_time, completion_time=format_time(now))
-    for reason, message in reversed(info.events):
-        if "exceed limits" in message:
-            return Observation("Provisioning", "NodePoolLimitReached", message, start_time=start_time)
-    latest = info.events[-1][1] if info.events else _pending_message(pods)
+    for event in reversed(info.events):
+        own_limit = [part for part in event.refusals if "limits" in part and not _another_pools(part, own_pool)]
+        if own_limit:
+            return Observation("Provisioning", "NodePoolLimitReached", "; ".join(own_limit), start_time=start_time)
+    latest = info.events[-1].message if info.events else _pending_message(pods)
     return Observation("Provisioning", "WaitingForCapacity", latest, start_time=start_time)
 
 
@@ -151,15 +214,16 @@ def _request_summary(ftj: FineTuneJob) -> str:
 
 
 def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: Provisioning | None = None,
-            now: datetime | None = None) -> Observation:
-    """What the trainer Job and its pods (and, for Karpenter pools, its events) say about the job."""
+            now: datetime | None = None, mounts: failures.Mounts | None = None) -> Observation:
+    """What the trainer Job and its pods (and, for Karpenter pools, its events; for pods that wait
+    for their volumes, the kubelet's FailedMount events and the mount timeout) say about the job."""
     now = now or datetime.now(timezone.utc)
     if job is None:
         return Observation("Pending", "Creating", "creating the trainer Job")
     status = job.get("status", {})
     start_time = status.get("startTime")
 
-    complete = _job_condition(job, "Complete")
+    complete = true_condition(job, "Complete")
     if complete:
         completion = status.get("completionTime") or complete.get("lastTransitionTime")
         rank0 = [p for p in _by_index(pods) if p.get("status", {}).get("phase") == "Succeeded"]
@@ -181,12 +245,12 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
             message += f", eval loss {m.eval_loss:.4g}"
         return Observation("Succeeded", "Completed", message, result=result, start_time=start_time, completion_time=completion)
 
-    failed = _job_condition(job, "Failed")
+    failed = true_condition(job, "Failed")
     if failed:
         failure = failures.job_failure(failed, pods)
         return Observation("Failed", failure.reason, failure.message, start_time=start_time,
                            completion_time=failed.get("lastTransitionTime"))
-    fatal = failures.fatal_problem(pods, now)
+    fatal = failures.fatal_problem(pods, now, mounts)
     if fatal:
         return Observation("Failed", fatal.reason, fatal.message, start_time=start_time,
                            completion_time=format_time(now))

@@ -24,13 +24,17 @@ from finetune_trainer.config import (
     options_of,
 )
 
-from . import sources
+from . import checkpoint_key, sources
 from .api import FineTuneJob
 from .model import publish_config
 
 CONFIG_DIR = "/etc/finetune"
 CONFIG_FILE = "config.yaml"
 TOKEN_DIR = "/var/run/secrets/finetune/base-model"
+TOKEN_KEY = "token"  # the one key of a credentials Secret the trainer gets
+# Sources whose fetch reads credentials. Only these get their credentialsSecret mounted; the
+# dataset's and the output's sources (pvc://, configmap://) read none yet.
+CREDENTIAL_SCHEMES = ("hf",)
 PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune/progress"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9090
@@ -50,6 +54,11 @@ def resolved_sources(job: FineTuneJob, claim_dirs: dict[str, str] | None = None)
     }
 
 
+def uses_base_model_token(job: FineTuneJob) -> bool:
+    spec = job.spec.base_model
+    return bool(spec.credentials_secret) and spec.source.partition("://")[0] in CREDENTIAL_SCHEMES
+
+
 def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, Any]:
     reporting: dict[str, Any] = {"metricsPort": METRICS_PORT, "metricsHost": f"$({POD_IP_ENV})",
                                  "terminationMessagePath": TERMINATION_LOG}
@@ -61,26 +70,38 @@ def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, 
 
 
 def render(job: FineTuneJob, *, claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None,
-           progress_url: str = "") -> dict[str, Any]:
+           progress_url: str = "", checkpoint_key_sha256: str | None = None) -> dict[str, Any]:
     """The trainer config as a plain dict (camelCase), validated by the trainer's schema.
 
     In a pod (the default) URIs resolve to the pod's mount paths; a local run passes
-    `claim_dirs` to map each pvc:// claim to a directory, and its own `reporting`."""
+    `claim_dirs` to map each pvc:// claim to a directory, and its own `reporting`.
+    `checkpoint_key_sha256`: the digest of the job's checkpoint key (checkpoint_key.py), whose
+    Secret the pod mounts; the trainer signs checkpoints with it and refuses another key. None
+    (a local run): unsigned checkpoints."""
     spec = job.spec
     resolved = resolved_sources(job, claim_dirs)
     config = JobConfig(
         job_name=job.metadata.name,
+        # The owner of the output and its checkpoints: the trainer refuses a destination another
+        # job owns and never resumes another job's checkpoints (docs/outputs.md).
+        job_uid=job.metadata.uid,
         base_model=BaseModelConfig(
             source=resolved["baseModel"].value,
             revision=spec.base_model.revision,
-            token_file=f"{TOKEN_DIR}/token" if spec.base_model.credentials_secret else None,
+            token_file=f"{TOKEN_DIR}/{TOKEN_KEY}" if uses_base_model_token(job) else None,
+            volume_root=resolved["baseModel"].root,
         ),
-        dataset=DatasetConfig(path=resolved["dataset"].value, **options_of(spec.dataset, DatasetOptions)),
+        dataset=DatasetConfig(path=resolved["dataset"].value, volume_root=resolved["dataset"].root,
+                              **options_of(spec.dataset, DatasetOptions)),
         method=spec.method,
         training=spec.training,
         distributed=DistributedConfig(**options_of(spec.distributed, DistributedConfig)),
         output=OutputConfig(dir=resolved["output"].value),
-        checkpointing=CheckpointingConfig(**options_of(spec.checkpointing, CheckpointingOptions)),
+        checkpointing=CheckpointingConfig(
+            **options_of(spec.checkpointing, CheckpointingOptions),
+            key_file=checkpoint_key.KEY_FILE if checkpoint_key_sha256 else None,
+            key_sha256=checkpoint_key_sha256,
+        ),
         reporting=ReportingConfig.model_validate(reporting if reporting is not None else in_cluster_reporting(job, progress_url)),
         publish=publish_config(job),
     )

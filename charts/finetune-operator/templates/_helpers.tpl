@@ -35,9 +35,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# update: a ConfigMap this job controls but whose content is not the job's is replaced;
+# delete: likewise a Service (its clusterIP cannot change in place).
 - apiGroups: [""]
-  resources: [configmaps, services]
-  verbs: [get, list, create]
+  resources: [configmaps]
+  verbs: [get, create, update]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, delete]
+# Each job's checkpoint key: created, never read (no get). delete: a Secret of that name found
+# before the trainer Job exists is replaced, since the operator cannot know its key (docs/outputs.md).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
+# Each job's NetworkPolicy admits only its own pods (and metrics scrapes) to its trainers.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, update]
+# get: the claims a trainer pod mounts must exist before its Job is created.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
 # delete: a multi-node attempt whose peer failed is restarted by deleting its other pods.
 - apiGroups: [""]
   resources: [pods]
