@@ -18,6 +18,34 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+# A skip is allowed only for a test marked `gpu` on a machine without CUDA. Any other skip (a
+# module whose imports failed, a fixture that gave up) is a broken install or a broken test, and
+# fails the run instead of hiding as a yellow "s".
+_UNEXPECTED_SKIPS: list[str] = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr}")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "gpu" not in report.keywords:
+        _UNEXPECTED_SKIPS.append(f"{report.nodeid}: {report.longrepr}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _UNEXPECTED_SKIPS and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _UNEXPECTED_SKIPS:
+        terminalreporter.section("skipped without being marked gpu (the run fails)")
+        for line in _UNEXPECTED_SKIPS:
+            terminalreporter.line(line)
+
+
 @pytest.fixture(scope="session")
 def kubeconfig() -> str:
     path = os.environ.get("KUBECONFIG") or str(REPO / ".cluster" / "kubeconfig")

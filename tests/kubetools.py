@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +26,10 @@ CLUSTER_DNS = os.environ.get("DNS_IP", "127.0.0.10")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.25, what: str = "condition") -> Any:
-    """Poll until predicate returns something truthy; return it, or fail with `what`."""
+    """Poll until predicate returns something truthy; return it, or fail with `what`.
+
+    Errors on the way (a kubectl call that failed, a status not written yet) are polled through;
+    an AssertionError is a predicate saying the outcome is already wrong, and fails at once."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -32,10 +37,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - keep polling through transient errors
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+class KubectlError(RuntimeError):
+    """A kubectl command failed: transient while the cluster settles, so wait_for polls through it."""
 
 
 class Kubectl:
@@ -49,7 +60,7 @@ class Kubectl:
             cmd += ["--namespace", self.namespace]
         proc = subprocess.run(cmd + list(args), input=input, capture_output=True, text=True, timeout=120)
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+            raise KubectlError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
     def json(self, *args: str) -> Any:
@@ -60,7 +71,7 @@ class Kubectl:
         if proc.returncode != 0:
             if "NotFound" in proc.stderr or "not found" in proc.stderr:
                 return None
-            raise AssertionError(proc.stderr)
+            raise KubectlError(proc.stderr)
         return json.loads(proc.stdout)
 
     def items(self, kind: str, selector: str | None = None) -> list[dict]:
@@ -117,11 +128,13 @@ class OperatorProcess:
     """The real operator (`finetune-operator`) as a child process watching one namespace."""
 
     def __init__(self, kubeconfig: str, namespace: str, log_path: Path, identity: str = "test-operator",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, max_open_files: int | None = None) -> None:
         self.kubeconfig, self.namespace, self.log_path, self.identity = kubeconfig, namespace, log_path, identity
         self.extra_env = env or {}
+        self.max_open_files = max_open_files  # e.g. 1024, a container runtime's usual default
         self.progress_port = free_port()
         self.metrics_port = free_port()
+        self.health_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -135,7 +148,7 @@ class OperatorProcess:
             # and takes its own Lease back at once instead of waiting for it to expire.
             "FINETUNE_IDENTITY": self.identity,
             "FINETUNE_METRICS_PORT": str(self.metrics_port),
-            "FINETUNE_HEALTH_PORT": str(free_port()),
+            "FINETUNE_HEALTH_PORT": str(self.health_port),
             "FINETUNE_RESYNC_SECONDS": "3",
             "FINETUNE_PROGRESS_PORT": str(self.progress_port),
             "FINETUNE_PROGRESS_URL": f"http://127.0.0.1:{self.progress_port}",
@@ -147,8 +160,11 @@ class OperatorProcess:
         log = open(self.log_path, "a")
         log.write(f"\n===== start {self.starts} =====\n")
         log.flush()
+        limit = self.max_open_files
         self.proc = subprocess.Popen([str(VENV_BIN / "finetune-operator")], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+                                     if limit else None)
         log.close()
         return self
 
@@ -172,6 +188,50 @@ class OperatorProcess:
     @property
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+class CrashPoints:
+    """The operator's crash points (finetune_operator/crashpoints.py) for one test: arm a moment
+    of one job's lifecycle; the operator SIGKILLs itself there once. `fired` is what landed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("armed", "fired"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self.env = {"FINETUNE_CRASH_POINTS_DIR": str(root)}
+
+    def arm(self, point: str, namespace: str, name: str) -> None:
+        (self.root / "armed" / f"{point}@{namespace}.{name}").touch()
+
+    def _names(self, sub: str) -> set[tuple[str, str]]:
+        return {tuple(p.name.split("@", 1)) for p in (self.root / sub).iterdir()}  # type: ignore[misc]
+
+    @property
+    def armed(self) -> set[tuple[str, str]]:
+        return self._names("armed")
+
+    @property
+    def fired(self) -> set[tuple[str, str]]:
+        return self._names("fired")
+
+
+class Supervisor(threading.Thread):
+    """Starts the operator again whenever it exits, as the kubelet restarts a crashed container."""
+
+    def __init__(self, operator: OperatorProcess) -> None:
+        super().__init__(daemon=True)
+        self.operator, self.restarts = operator, 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.2):
+            if self.operator.proc is not None and self.operator.proc.poll() is not None:
+                self.restarts += 1
+                self.operator.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
 
 
 class ProcessNode:

@@ -1,4 +1,4 @@
-"""Specs the API must reject, shared by the API-server test (CEL and schema at `kubectl apply`) and
+"""Specs the API must reject (and a few it must accept), shared by the API-server test (CEL and schema at `kubectl apply`) and
 the unit test of the same rules in Python (a local run, or the trainer reading its config)."""
 
 from __future__ import annotations
@@ -30,6 +30,20 @@ def with_changes(path: str, value, name: str = "invalid") -> dict:
     else:
         node[leaf] = value
     return manifest
+
+
+def existing(**fields) -> dict:
+    """A nodePool on existing nodes (where nodeSelector and tolerations apply) with `fields`."""
+    return {"provisioner": "existing", **fields}
+
+
+# The messages of the rules, as both validators say them (finetune_operator.api).
+QUANTITY = "must be a positive quantity"
+LABEL_VALUE = "must be a label value"
+LABEL_KEY = "must be a label key"
+LABEL_KEYS = "keys must be label keys"
+RESERVED = "must not be reserved for the operator's and other tenants' dedicated nodes"
+NEEDS_KEY = "a toleration needs a key"
 
 
 # (case id, dotted path, value, text the API server's error must contain)
@@ -82,8 +96,108 @@ INVALID = [
     ("long-name", "metadata.name", "x" * 51, "metadata.name must be at most 50 characters"),
     ("dotted-name", "metadata.name", "team.a-sft", "metadata.name must be a DNS label"),
     ("backoff-too-high", "spec.backoffLimit", 1000, "spec.backoffLimit"),
+    # Names the children are made of: DNS subdomains, not just their alphabet.
+    ("model-name-empty-label", "spec.output.modelName", "a..b", "spec.output.modelName"),
+    ("secret-name-empty-label", "spec.dataset.credentialsSecret", "a..b", "spec.dataset.credentialsSecret"),
+    # Quantities as the API server reads them (CEL isQuantity): suffixes are case-sensitive.
+    ("memory-lowercase-mi", "spec.resources", {"memory": "512mi"}, QUANTITY),
+    ("memory-with-space", "spec.resources", {"memory": "1 Gi"}, QUANTITY),
+    ("memory-zero", "spec.resources", {"memory": "0"}, QUANTITY),
+    ("memory-exponent-overflow", "spec.resources", {"memory": "1e99999999999999999999"}, QUANTITY),
+    ("cpu-junk", "spec.resources", {"cpu": "lots"}, QUANTITY),
+    ("cpu-negative", "spec.resources", {"cpu": "-1"}, QUANTITY),
+    ("cpu-hex", "spec.resources", {"cpu": "0x10"}, QUANTITY),
+    # The instance type is a node label's value (node.kubernetes.io/instance-type).
+    ("instance-type-space", "spec.resources", {"instanceType": "g5 xlarge"}, LABEL_VALUE),
+    ("instance-type-empty", "spec.resources", {"instanceType": ""}, "spec.resources.instanceType"),
+    ("instance-type-too-long", "spec.resources", {"instanceType": "g" * 64}, "spec.resources.instanceType"),
+    # nodeSelector: label keys and values, and no reserved keys.
+    ("selector-value-space", "spec.nodePool", existing(nodeSelector={"team": "research lab"}), LABEL_VALUE),
+    ("selector-value-nbsp", "spec.nodePool", existing(nodeSelector={"team": "research\u00a0lab"}), LABEL_VALUE),
+    ("selector-value-leading-dash", "spec.nodePool", existing(nodeSelector={"team": "-a"}), LABEL_VALUE),
+    ("selector-value-too-long", "spec.nodePool", existing(nodeSelector={"team": "a" * 64}), "spec.nodePool.nodeSelector"),
+    ("selector-key-junk", "spec.nodePool", existing(nodeSelector={"bad key!": "x"}), LABEL_KEYS),
+    ("selector-key-long-name", "spec.nodePool", existing(nodeSelector={"example.com/" + "a" * 64: "x"}), LABEL_KEYS),
+    ("selector-key-long-prefix", "spec.nodePool", existing(nodeSelector={"a" * 254 + "/x": "x"}), LABEL_KEYS),
+    ("selector-key-uppercase-prefix", "spec.nodePool", existing(nodeSelector={"Example.com/x": "x"}), LABEL_KEYS),
+    ("selector-key-two-slashes", "spec.nodePool", existing(nodeSelector={"a/b/c": "x"}), LABEL_KEYS),
+    ("selector-reserved-job-uid", "spec.nodePool", existing(nodeSelector={"finetune.ai/job-uid": "0f1e"}), RESERVED),
+    ("selector-reserved-finetune-any", "spec.nodePool", existing(nodeSelector={"finetune.ai/anything": "x"}), RESERVED),
+    ("selector-reserved-nodepool", "spec.nodePool", existing(nodeSelector={"karpenter.sh/nodepool": "finetune-0f1e"}), RESERVED),
+    ("selector-reserved-node-role", "spec.nodePool", existing(nodeSelector={"node-role.kubernetes.io/control-plane": ""}),
+     RESERVED),
+    # tolerations: the core API's rules, plus a required, unreserved key.
+    ("toleration-exists-with-value", "spec.nodePool", existing(tolerations=[
+        {"key": "gpu", "operator": "Exists", "value": "v", "effect": "NoSchedule"}]), "value must be empty when operator is Exists"),
+    ("toleration-empty-key-exists", "spec.nodePool", existing(tolerations=[{"operator": "Exists"}]), NEEDS_KEY),
+    ("toleration-blank-key-exists", "spec.nodePool", existing(tolerations=[{"key": "", "operator": "Exists"}]), LABEL_KEY),
+    ("toleration-empty-key-equal", "spec.nodePool", existing(tolerations=[{"operator": "Equal", "value": "x"}]), NEEDS_KEY),
+    ("toleration-bad-effect", "spec.nodePool", existing(tolerations=[{"key": "gpu", "effect": "NoRun"}]),
+     "spec.nodePool.tolerations[0].effect: Unsupported value"),
+    ("toleration-bad-operator", "spec.nodePool", existing(tolerations=[{"key": "gpu", "operator": "In"}]),
+     "spec.nodePool.tolerations[0].operator: Unsupported value"),
+    ("toleration-bad-key", "spec.nodePool", existing(tolerations=[{"key": "bad key", "operator": "Exists"}]), LABEL_KEY),
+    ("toleration-value-space", "spec.nodePool", existing(tolerations=[{"key": "gpu", "operator": "Equal", "value": "a b"}]),
+     LABEL_VALUE),
+    ("toleration-seconds-without-noexecute", "spec.nodePool", existing(tolerations=[
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]),
+     "tolerationSeconds applies only to effect NoExecute"),
+    ("toleration-reserved-job", "spec.nodePool", existing(tolerations=[{"key": "finetune.ai/job", "operator": "Exists"}]), RESERVED),
+    ("toleration-reserved-node-role", "spec.nodePool", existing(tolerations=[
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]), RESERVED),
+    ("toleration-reserved-nodepool", "spec.nodePool", existing(tolerations=[
+        {"key": "karpenter.sh/nodepool", "operator": "Exists"}]), RESERVED),
+    # One regex dialect: whitespace of any alphabet, and anything outside printable ASCII, is refused
+    # by both validators alike (Go's \s and Rust's \s disagreed on U+00A0).
+    ("dataset-path-nbsp", "spec.dataset.source", "pvc://data/sub\u00a0dir/train.jsonl", "spec.dataset.source"),
+    ("output-path-ideographic-space", "spec.output.destination", "pvc://models/a\u3000b", "spec.output.destination"),
+    ("model-source-tab", "spec.baseModel.source", "hf://org/na\tme", "spec.baseModel.source"),
+    ("dataset-path-em-space", "spec.dataset.source", "pvc://data/a\u2003b.jsonl", "spec.dataset.source"),
+    ("dataset-path-non-ascii", "spec.dataset.source", "pvc://data/donn\u00e9es.jsonl", "spec.dataset.source"),
 ]
 
-# Cases only the API server can check: rules on metadata, and string rules without a Python twin
-# (the operator's source resolver rejects '..' itself, tests/unit/test_sources.py).
-SERVER_ONLY = {"long-name", "dotted-name", "path-escape"}
+# Specs both validators accept: the rules above refuse only what they must.
+ACCEPTED = [
+    ("memory-binary", "spec.resources", {"memory": "512Mi"}),
+    ("memory-fraction", "spec.resources", {"memory": "1.5Gi"}),
+    ("memory-exponent", "spec.resources", {"memory": "1e9"}),
+    ("memory-decimal-si", "spec.resources", {"memory": "8G"}),
+    ("cpu-millis", "spec.resources", {"cpu": "1500m"}),
+    ("cpu-fraction", "spec.resources", {"cpu": "0.5"}),
+    ("cpu-plus", "spec.resources", {"cpu": "+2"}),
+    ("instance-type-dotted", "spec.resources", {"instanceType": "g5.xlarge"}),
+    ("instance-type-underscore", "spec.resources", {"instanceType": "Standard_NC6s_v3"}),
+    ("selector-plain", "spec.nodePool", existing(nodeSelector={
+        "kubernetes.io/hostname": "gpu-node-0", "example.com/team": "", "team_a": "A.b-c", "karpenter.sh/capacity-type": "spot"})),
+    # The label and taint of nodes an administrator sets aside for fine-tuning (the local node).
+    ("selector-local-node", "spec.nodePool", existing(
+        nodeSelector={"finetune.ai/local-node": "true"},
+        tolerations=[{"key": "finetune.ai/local-node", "operator": "Exists", "effect": "NoSchedule"}])),
+    ("tolerations-plain", "spec.nodePool", existing(tolerations=[
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "ml"},
+        {"key": "dedicated", "value": ""},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        {"key": "gpu", "operator": "Exists", "value": None}])),
+    ("dataset-path-percent-encoded", "spec.dataset.source", "pvc://data/sub%20dir/train.jsonl"),
+    ("model-name-dotted", "spec.output.modelName", "support-bot.v2"),
+]
+
+# Cases only the API server can check: rules on metadata.
+SERVER_ONLY = {"long-name", "dotted-name"}
+
+# Strings as the API server's CEL isQuantity() and a positive value judge them (measured against
+# kube-apiserver v1.35): the Python twin (api.POSITIVE_QUANTITY) must agree on every one.
+QUANTITIES = [
+    ("1", True), ("512Mi", True), ("1.5Gi", True), ("1.", True), (".5", True), ("1.Gi", True), ("01", True),
+    ("1e3", True), ("1E", True), ("1E3", True), ("1e-5", True), ("+1Gi", True), ("1n", True), ("1u", True),
+    ("1500m", True), ("8k", True), ("99999999999999999999999Ei", True),
+    # zero or negative: quantities, but no request
+    ("0", False), ("-0", False), ("+", False), ("-", False), (".", False), ("Ki", False), ("m", False),
+    ("e3", False), ("E", False), ("-1", False), ("-.5", False), ("0.000", False),
+    # not quantities
+    ("", False), ("1ki", False), ("1mi", False), ("512mi", False), ("1Ee3", False), ("1e", False), ("1e+", False),
+    ("1e1.5", False), ("1 Gi", False), (" 1", False), ("1Gi ", False), ("0x10", False), ("1,5", False),
+    ("1.5.5", False), ("1e99999999999999999999", False), ("1m5", False), ("1Mi5", False), ("1\u00a0Gi", False),
+    ("\uff11", False), ("1Gi\n", False),
+]

@@ -69,4 +69,7 @@ def volume_dirs(kubeconfig: str, namespace: str) -> tuple[Path, Path]:
     for d in (data, models):
         d.mkdir(parents=True, exist_ok=True)
     os.chown(models, TRAINER_UID, TRAINER_UID)
+    # The destination is a subPath the kubelet creates as root with this mode: setgid and
+    # group-writable, so it is the trainer's group's to write (docs/outputs.md).
+    models.chmod(0o2775)
     return data, models

@@ -149,6 +149,8 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data_dir)
         job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
         job["spec"]["nodePool"] = {"provisioner": "existing", **local_node.placement}
+        # A quarter of the quickstart's steps: enough for the loss to fall (`make demo` runs it all).
+        job["spec"]["training"]["maxSteps"] = 16
         kubectl.apply(job)
 
         def finished() -> dict | None:
@@ -217,3 +219,94 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
     # stopping operator cannot hand it back (401); it simply expires.
     lease = kubectl.get("lease", fullname)
     assert lease is None or "app.kubernetes.io/instance" not in (lease["metadata"].get("labels") or {})
+
+
+def test_network_policy_admits_only_trainer_pods_to_the_progress_port(helm, namespace: str) -> None:
+    from finetune_operator import naming
+    from finetune_operator.api import FineTuneJob
+
+    def policy(*values: str) -> dict | None:
+        docs = _docs(helm("template", "v", str(CHART), "--namespace", namespace, *values).stdout)
+        return next((d for d in docs if d["kind"] == "NetworkPolicy"), None)
+
+    rules = {rule["ports"][0]["port"]: rule for rule in policy()["spec"]["ingress"]}
+    assert set(rules) == {"health", "metrics", "progress"}
+    assert "from" not in rules["health"]  # the kubelet's probes come from the node
+    (peer,) = rules["progress"]["from"]
+    job = FineTuneJob.model_validate({"metadata": {"name": "demo", "namespace": "team-a", "uid": "u"}, "spec": {
+        "baseModel": {"source": "preset://tiny-llama"}, "dataset": {"source": "pvc://data/train.jsonl"},
+        "output": {"destination": "pvc://models/demo"}}})
+    trainer_pod_labels = naming.labels(job)
+    # The policy's selector is the trainer pods' labels (set in naming.labels), and only theirs:
+    # a Model's component label, or any other pod of the operator's, does not match.
+    assert peer["podSelector"]["matchLabels"].items() <= trainer_pod_labels.items()
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    assert peer["namespaceSelector"] == {}
+    scoped = policy("--set", "watchNamespaces={team-a,team-b}")
+    progress = next(r for r in scoped["spec"]["ingress"] if r["ports"][0]["port"] == "progress")
+    assert progress["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a", "team-b"]
+    assert "progress" not in {r["ports"][0]["port"] for r in policy("--set", "progress.enabled=false")["spec"]["ingress"]}
+    assert policy("--set", "networkPolicy.enabled=false") is None
+
+
+def test_admission_policy_pins_what_the_operator_may_create(helm, kubectl: Kubectl, namespace: str) -> None:
+    """RBAC lets the operator create any Job anywhere; the chart's policies, bound to its
+    ServiceAccount, let through only what the operator builds."""
+    from finetune_operator import children
+    from finetune_operator.api import FineTuneJob
+    from finetune_operator.settings import OperatorSettings
+
+    release = f"vap{uuid.uuid4().hex[:6]}"
+    docs = _docs(helm("template", release, str(CHART), "--namespace", namespace).stdout)
+    kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+    installed = [d for d in docs if d["kind"] in kinds]
+    trainer_image = yaml.safe_load((CHART / "values.yaml").read_text())["trainer"]["image"]
+    cluster = Kubectl(kubectl.kubeconfig)
+    sa = next(d for d in installed if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    as_operator = ["--as", f"system:serviceaccount:{namespace}:{sa}"]
+    try:
+        for doc in installed:
+            cluster.apply(doc)
+        job = FineTuneJob.model_validate({"apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob",
+                                          "metadata": {"name": "demo", "namespace": namespace, "uid": str(uuid.uuid4())},
+                                          "spec": {"baseModel": {"source": "preset://tiny-llama"},
+                                                   "dataset": {"source": "pvc://data/train.jsonl"},
+                                                   "output": {"destination": "pvc://models/demo"}}})
+        built = children.build_job(job, OperatorSettings(trainer_image=trainer_image, progress_url="http://x:8082"))
+        config = children.build_config_map(job, OperatorSettings(trainer_image=trainer_image))
+
+        def server_says(obj: dict, where: str = namespace) -> str:
+            proc = cluster("create", "--dry-run=server", "-n", where, "-f", "-", *as_operator,
+                           input=json.dumps(obj), check=False)
+            return proc.stdout + proc.stderr
+
+        escape = json.loads(json.dumps(built))
+        escape["metadata"]["namespace"] = "kube-system"
+        pod = escape["spec"]["template"]["spec"]
+        pod["volumes"].append({"name": "root", "hostPath": {"path": "/"}})
+        pod["containers"][0]["volumeMounts"].append({"name": "root", "mountPath": "/host"})
+        # Each policy takes effect a moment after it is created, each on its own clock: wait for both.
+        unowned = {**config, "metadata": {"name": "unowned", "namespace": namespace}}
+        wait_for(lambda: "a FineTuneJob controls" in server_says(unowned), 30, what="the children policy to take effect")
+        wait_for(lambda: "no hostPath" in server_says(escape, "kube-system"), 30, what="the trainer-jobs policy to take effect")
+        assert "created (server dry run)" in server_says(built)
+        assert "created (server dry run)" in server_says(config)
+        assert "created (server dry run)" in server_says(children.build_network_policy(job))
+
+        other_image = json.loads(json.dumps(built))
+        other_image["spec"]["template"]["spec"]["containers"][0]["image"] = "busybox"
+        assert "trainer image" in server_says(other_image)
+        host_pid = json.loads(json.dumps(built))
+        host_pid["spec"]["template"]["spec"]["hostPID"] = True
+        assert "without the node's namespaces" in server_says(host_pid)
+        escalating = json.loads(json.dumps(built))
+        del escalating["spec"]["template"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"]
+        assert "unprivileged" in server_says(escalating)
+        # Everyone else is untouched: the same hostPath Job as the cluster admin passes.
+        proc = cluster("create", "--dry-run=server", "-n", "kube-system", "-f", "-", input=json.dumps(escape), check=False)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        for doc in installed:
+            scope = ["-n", namespace] if doc["kind"] in ("ServiceAccount", "Role", "RoleBinding") else []
+            cluster("delete", doc["kind"], doc["metadata"]["name"], *scope, "--wait=false", check=False)

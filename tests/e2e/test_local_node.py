@@ -89,14 +89,20 @@ def test_an_image_the_node_does_not_have_fails_the_job_with_image_pull_failed(
         op.stop()
 
 
-def test_suspend_sends_sigterm_and_the_trainer_checkpoints_within_its_grace_period(
+def test_suspend_sends_sigterm_the_trainer_checkpoints_and_resuming_continues_from_it(
         kubectl, namespace, claims, local_node, operator) -> None:
+    """SIGTERM -> checkpoint -> exit within the grace period -> a new pod resumes at that step and
+    finishes the run: the whole preemption path, through the real kubelet and the operator."""
     models = with_data(kubectl, namespace)
-    # Long enough to be suspended mid-run; no periodic checkpoint would come before the end.
-    kubectl.apply(quickstart("pause", local_node, training={"epochs": 100},
+    # Long enough to be suspended mid-run (a step takes about a second here), short enough to
+    # finish after resuming; no periodic checkpoint comes before the end.
+    total = 24
+    kubectl.apply(quickstart("pause", local_node, training={"epochs": 1, "maxSteps": total},
                              checkpointing={"everySteps": 1_000_000, "keep": 1}))
-    wait_for(lambda: (kubectl.get("ftj", "pause").get("status", {}).get("progress") or {}).get("step", 0) >= 3,
-             300, interval=1, what="the trainer to make progress")
+    progress = wait_for(lambda: (p := kubectl.get("ftj", "pause").get("status", {}).get("progress") or {})
+                        and p.get("step", 0) >= 3 and p, 300, interval=1, what="the trainer to make progress")
+    # Mid-run: only the trainer's own pushes say this (the operator writes 100% from the result).
+    assert 3 <= progress["step"] < progress["totalSteps"], progress
     [pod] = trainer_pods(kubectl, "pause")
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     kubectl.merge_patch("ftj", "pause", {"spec": {"suspend": True}})
@@ -107,4 +113,34 @@ def test_suspend_sends_sigterm_and_the_trainer_checkpoints_within_its_grace_peri
              what="the suspended trainer pod to exit before its grace period ends")
     checkpoints = sorted((models / "pause" / "checkpoints").glob("step-*"))
     assert checkpoints, f"no checkpoint in {models / 'pause'}: {list((models / 'pause').rglob('*'))}"
-    assert int(checkpoints[-1].name.removeprefix("step-")) >= 3
+    saved = int(checkpoints[-1].name.removeprefix("step-"))
+    assert 3 <= saved < total, saved
+
+    kubectl.merge_patch("ftj", "pause", {"spec": {"suspend": False}})
+    ftj = phase(kubectl, "pause", "Succeeded", "Failed", timeout=300)
+    assert ftj["status"]["phase"] == "Succeeded", json.dumps(ftj["status"], indent=1)
+    [resumed] = trainer_pods(kubectl, "pause")
+    log = kubectl("logs", resumed["metadata"]["name"], "-c", "trainer").stdout
+    assert f"(step {saved})" in log and "resumed from" in log, log[-3000:]
+    model = kubectl.get("model", ftj["status"]["model"])
+    assert model["status"]["metrics"]["steps"] == total, model["status"]
+
+
+def test_bad_data_from_the_real_trainer_fails_the_job_once_with_its_file_and_line(
+        kubectl, namespace, claims, local_node, operator) -> None:
+    """The trainer's own exit code and termination message, through the kubelet, decide the
+    outcome: exit 2 with `FILE:LINE: reason` is InvalidInput, and the Job is not retried."""
+    data, _ = volume_dirs(kubectl.kubeconfig, namespace)
+    good = (REPO / "examples" / "data" / "quickstart.jsonl").read_text().splitlines()
+    (data / "quickstart.jsonl").write_text("\n".join(good[:2] + ["{not json"] + good[2:]) + "\n")
+    job = quickstart("baddata", local_node)
+    job["spec"]["backoffLimit"] = 3
+    kubectl.apply(job)
+    ftj = phase(kubectl, "baddata", "Failed", "Succeeded", timeout=240)
+    failed = failed_condition(ftj)
+    assert failed["reason"] == "InvalidInput", failed
+    assert "quickstart.jsonl:3:" in failed["message"], failed
+    # One attempt: the pod failure policy ended the Job at exit 2; backoffLimit 3 was not spent.
+    trainer = kubectl.get("job", "baddata-trainer")
+    assert trainer["status"].get("failed") == 1, trainer["status"]
+    assert any(c["type"] == "Failed" and c["reason"] == "PodFailurePolicy" for c in trainer["status"]["conditions"]), trainer["status"]

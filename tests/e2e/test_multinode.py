@@ -29,7 +29,7 @@ from conftest import volume_dirs
 
 pytestmark = pytest.mark.integration
 NODE_IPS = ("127.0.0.2", "127.0.0.3")
-LABEL = "finetune.ai/multinode-test"
+LABEL = "multinode-test.e2e.local/namespace"  # not finetune.ai/*: reserved for the operator
 PROGRESS = re.compile(r"FINETUNE_PROGRESS (\{.*\})")
 COREDNS_LOG = REPO / ".cluster" / "logs" / "coredns.log"
 

@@ -3,8 +3,11 @@ import json
 from factories import make_job
 
 import copy
+from datetime import datetime, timezone
 
-from finetune_operator.model import build_model, model_status, publish_config, published_here
+from finetune_operator import naming
+from finetune_operator.api import FineTuneJob
+from finetune_operator.model import build_model, model_status, model_to_validate, publish_config, published_here
 from finetune_operator.trainer_config import render
 from finetune_trainer.config import parse_config
 from finetune_trainer.model_manifest import render_model
@@ -71,3 +74,85 @@ def test_the_trainer_renders_the_model_the_operator_publishes():
     assert {k: published["metadata"][k] for k in ("name", "namespace")} == manifest["metadata"]
     assert manifest["status"]["metrics"] == model_status(RESULT, 1)["metrics"]
     assert published["spec"]["training"]["warmupSteps"] == 3
+
+
+def test_publish_config_is_the_job_in_the_users_terms():
+    ftj = make_job(baseModel={"source": "hf://org/base", "revision": "v2"},
+                   dataset={"source": "pvc://data/sets/train.jsonl", "sha256": "c" * 64},
+                   output={"destination": "s3://bucket/out", "modelName": "bot"})
+    assert publish_config(ftj).to_wire() == {
+        "name": "bot", "namespace": "team-a", "uri": "s3://bucket/out",
+        "baseModel": {"source": "hf://org/base", "revision": "v2"},
+        "dataset": {"source": "pvc://data/sets/train.jsonl", "sha256": "c" * 64},
+        "sourceJob": {"name": "demo", "uid": "uid-1"},
+    }
+    # A job not yet created has no UID: the reference says so with an empty one.
+    raw = ftj.model_dump(by_alias=True, exclude_none=True, mode="json")
+    del raw["metadata"]["uid"]
+    assert publish_config(FineTuneJob.model_validate(raw)).source_job.uid == ""
+
+
+def test_the_model_is_labelled_and_owned_by_its_job_and_has_no_status():
+    model = build_model(make_job(), RESULT)
+    assert model["apiVersion"] == "finetune.ai/v1alpha1" and model["kind"] == "Model"
+    assert "status" not in model
+    assert model["metadata"] == {
+        "name": "demo",
+        "namespace": "team-a",
+        "labels": {
+            "app.kubernetes.io/name": "finetune-trainer",
+            "app.kubernetes.io/instance": "demo",
+            "app.kubernetes.io/managed-by": "finetune-operator",
+            "app.kubernetes.io/component": "model",
+            "finetune.ai/job": "demo",
+        },
+        "ownerReferences": [{"apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "name": "demo",
+                             "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}],
+    }
+
+
+def test_the_model_to_validate_has_placeholder_digests_for_the_methods_weights_file():
+    zeros = "0" * 64
+    for method, weights, fmt in (({"type": "lora"}, "adapter_model.safetensors", "peft"),
+                                 ({"type": "full"}, "model.safetensors", "full")):
+        ftj = make_job(method=method, output={"destination": "pvc://models/x", "modelName": "bot"})
+        model = model_to_validate(ftj)
+        assert model["metadata"]["name"] == "bot" and model["metadata"]["namespace"] == "team-a"
+        assert model["metadata"]["ownerReferences"] == [naming.owner_reference(ftj)]
+        assert model["spec"]["adapter"] == {"uri": "pvc://models/x", "format": fmt, "sha256": zeros, "sizeBytes": 0,
+                                            "files": {weights: {"sha256": zeros, "size": 0}}}
+        assert model["spec"]["world"] == {"worldSize": 1, "nodes": 1, "processesPerNode": 1}
+        assert model["spec"]["method"]["type"] == method["type"]
+        assert "status" not in model
+
+
+def test_model_status_is_ready_as_of_now_for_the_models_generation():
+    now = datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=timezone.utc)
+    assert model_status(RESULT, 3, now) == {
+        "phase": "Ready",
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Published",
+                        "message": "weights written and verified by the trainer",
+                        "lastTransitionTime": "2026-03-04T05:06:07Z", "observedGeneration": 3}],
+        "metrics": {"trainLoss": 0.5, "evalLoss": 0.7, "initialEvalLoss": 3.0, "steps": 9, "tokensSeen": 99},
+    }
+    # Without a generation the condition leaves it out; without a time it is the current one.
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    condition = model_status(RESULT, None)["conditions"][0]
+    after = datetime.now(timezone.utc)
+    assert "observedGeneration" not in condition
+    assert before <= datetime.fromisoformat(condition["lastTransitionTime"].replace("Z", "+00:00")) <= after
+
+
+def test_a_model_without_owner_references_is_not_this_jobs():
+    ftj = make_job()
+    built = build_model(ftj, RESULT)
+    assert not published_here({"spec": built["spec"]}, built, ftj)
+    assert not published_here({"metadata": {"ownerReferences": None}, "spec": built["spec"]}, built, ftj)
+    # Another job as controller: a namesake's Model, even with the same spec.
+    other = copy.deepcopy(built)
+    other["metadata"]["ownerReferences"][0]["uid"] = "uid-2"
+    assert not published_here(other, built, ftj)
+    # This job among other owners, as their controller: it is this job's.
+    shared = copy.deepcopy(built)
+    shared["metadata"]["ownerReferences"].insert(0, {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "uid-9"})
+    assert published_here(shared, built, ftj)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from datetime import datetime, timezone
 
 from factories import make_job, with_status
 
-from finetune_operator import kube, metrics, reconcile
+from finetune_operator import kube, metrics, reconcile, status
 from finetune_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(default_provisioner="none")
@@ -29,7 +30,7 @@ class FakeApi:
     def __init__(self, monkeypatch, pods: list[dict]) -> None:
         raw, _ = with_status(make_job(resources={"accelerator": "none", "cpu": "1", "memory": "1Gi"}), {})
         self.ftj = raw
-        self.job = {"metadata": {"name": "demo-trainer", "uid": "job-uid", "ownerReferences": [{"uid": "uid-1"}]},
+        self.job = {"metadata": {"name": "demo-trainer", "uid": "job-uid", "ownerReferences": [{"uid": "uid-1", "controller": True}]},
                     "spec": {"suspend": False}, "status": {"active": 1}}
         self.pods = pods
         self.status_patches: list[dict] = []
@@ -140,3 +141,46 @@ async def test_a_waiting_reconcile_keeps_the_state_until_the_last_one_leaves():
     async with jobs.hold("ns", "a") as state:
         state.finished = True
     assert len(jobs) == 0
+
+
+async def test_karpenter_events_come_only_from_the_jobs_own_pods(monkeypatch):
+    """Events about the NodePool land in `default`, where anyone may write one; events about a
+    pod name whose UID is not the current pod's are another pod's (or forged): neither counts."""
+    def event(namespace, kind, name, uid, reason):
+        return {"metadata": {"namespace": namespace}, "involvedObject": {"kind": kind, "name": name, "uid": uid},
+                "reason": reason, "message": "m", "source": {"component": "karpenter"}}
+
+    ftj = make_job()
+    ns = ftj.metadata.namespace
+    events = [event("default", "NodePool", "finetune-uid-1", "pool-uid", "NoCompatibleInstanceTypes"),
+              event(ns, "Pod", "demo-trainer-0", "old-pod-uid", "NoCompatibleInstanceTypes"),
+              event(ns, "Pod", "demo-trainer-0", "pod-uid", "FailedScheduling")]
+    asked = []
+
+    async def list_(kind, namespace, selector=None, fields=None):
+        asked.append(namespace)
+        return [e for e in events if e["metadata"]["namespace"] == namespace
+                and all(e["involvedObject"][k.split(".")[1]] == v for k, v in (fields or {}).items())]
+
+    monkeypatch.setattr(kube, "list_", list_)
+    pods = [{"metadata": {"name": "demo-trainer-0", "uid": "pod-uid"}}]
+    assert await reconcile._karpenter_events(ftj, pods) == (status.KarpenterEvent("FailedScheduling", "m"),)
+    assert "default" not in asked
+
+
+async def test_pool_readiness_is_read_from_the_jobs_own_pool(monkeypatch):
+    ftj = make_job(nodePool={"provisioner": "karpenter"})
+    ready = {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:10Z"}
+    pool = {"metadata": {"labels": {"finetune.ai/job-uid": ftj.metadata.uid}}, "status": {"conditions": [ready]}}
+
+    async def get(kind, namespace, name):
+        assert (kind, namespace, name) == ("NodePool", None, f"finetune-{ftj.metadata.uid}")
+        return pool
+
+    monkeypatch.setattr(kube, "get", get)
+    assert await reconcile._pool_ready_since(ftj) == datetime(2026, 1, 1, 0, 0, 10, tzinfo=timezone.utc)
+    ready["status"] = "False"
+    assert await reconcile._pool_ready_since(ftj) is None
+    ready["status"] = "True"
+    pool["metadata"]["labels"]["finetune.ai/job-uid"] = "another-job"
+    assert await reconcile._pool_ready_since(ftj) is None

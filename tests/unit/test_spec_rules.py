@@ -4,9 +4,11 @@ reading its config, rejects what the API server rejects."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
-from spec_cases import INVALID, SERVER_ONLY, VALID, with_changes
+from spec_cases import ACCEPTED, INVALID, QUANTITIES, SERVER_ONLY, VALID, with_changes
 
 from finetune_operator import api, crdgen
 from finetune_trainer.config import DistributedConfig
@@ -32,6 +34,52 @@ def test_python_rejects_what_the_api_server_rejects(case, path, value, expected)
         assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("case,path,value", ACCEPTED, ids=[c[0] for c in ACCEPTED])
+def test_python_accepts_what_the_api_server_accepts(case, path, value):
+    parse(with_changes(path, value))
+
+
+@pytest.mark.parametrize("text,accepted", QUANTITIES, ids=[repr(q) for q, _ in QUANTITIES])
+def test_quantities_are_read_as_the_api_server_reads_them(text, accepted):
+    assert api.POSITIVE_QUANTITY.holds(text) is accepted
+
+
+# Regex syntax that Go's RE2 (the API server: `pattern`, CEL matches()) and Rust's regex crate
+# (pydantic) or Python's re (the twins) read differently: Perl classes (\s is ASCII whitespace in
+# RE2, Unicode in Rust), word boundaries, Unicode classes, POSIX classes, flags (case folding).
+_DIALECT_TRAPS = re.compile(r"\\[sSwWdDbBpPhHvVRXZAzQE]|\[:|\(\?")
+
+
+def _regexes(node, where=""):
+    """Every regex the CRDs hold: `pattern`s and the arguments of CEL matches()."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern":
+                yield where, value
+            elif key == "rule":
+                for m in re.finditer(r"matches\('([^']*)'\)", value):
+                    yield where, m.group(1)
+            else:
+                yield from _regexes(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _regexes(item, where)
+
+
+def test_every_pattern_reads_the_same_in_go_and_rust():
+    found = [r for crd in (crdgen.finetunejob_crd(), crdgen.model_crd()) for r in _regexes(crd)]
+    assert len(found) > 10, found  # the walk finds the patterns at all
+    traps = [(where, regex) for where, regex in found if _DIALECT_TRAPS.search(regex) or not regex.isascii()]
+    assert not traps, f"patterns with classes the two regex engines read differently; spell them out in ASCII: {traps}"
+
+
+def test_the_dialect_check_catches_shorthands():
+    for regex in (r"^[^\s]+$", r"^\w+$", r"^[\d]$", r"\bx", r"\p{L}", "[[:space:]]", "(?i)abc"):
+        assert _DIALECT_TRAPS.search(regex), regex
+    for regex in ("^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "^(pvc|s3)://[!-~]+$", "(^|/)[.][.](/|$)", "^[a-f0-9]{64}$"):
+        assert not _DIALECT_TRAPS.search(regex), regex
+
+
 def test_section_rules_are_in_the_crd_once_at_their_section():
     spec = crdgen.finetunejob_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     distributed = spec["properties"]["distributed"]["x-kubernetes-validations"]
@@ -43,8 +91,9 @@ def test_section_rules_are_in_the_crd_once_at_their_section():
 
 # Trainer settings a FineTuneJob does not set directly: the operator derives them from the job's
 # URIs, Secrets and its own endpoints.
-DERIVED = {"jobName", "baseModel.source", "baseModel.tokenFile", "baseModel.cacheDir", "dataset.path", "output",
-           "checkpointing.dir", "reporting", "publish"}
+DERIVED = {"jobName", "jobUid", "baseModel.source", "baseModel.tokenFile", "baseModel.cacheDir", "baseModel.volumeRoot",
+           "dataset.path", "dataset.volumeRoot", "output", "checkpointing.dir",
+           "checkpointing.keyFile", "checkpointing.keySha256", "reporting", "publish"}
 
 
 def _leaves(model, prefix=""):
