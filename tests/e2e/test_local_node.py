@@ -94,10 +94,12 @@ def test_suspend_sends_sigterm_the_trainer_checkpoints_and_resuming_continues_fr
     """SIGTERM -> checkpoint -> exit within the grace period -> a new pod resumes at that step and
     finishes the run: the whole preemption path, through the real kubelet and the operator."""
     models = with_data(kubectl, namespace)
-    # Long enough to be suspended mid-run (a step takes about a second here), short enough to
-    # finish after resuming; no periodic checkpoint comes before the end.
-    total = 24
-    kubectl.apply(quickstart("pause", local_node, training={"epochs": 1, "maxSteps": total},
+    # Long enough to be suspended mid-run, short enough to finish after resuming. A step takes
+    # 0.1-0.4 s here, and the step the test sees lags the trainer's by the push interval (2 s)
+    # plus the status write and the suspend's way to the kubelet: at 24 steps, CI once saw the
+    # run end before its SIGTERM came. No periodic checkpoint comes before the end.
+    total = 200
+    kubectl.apply(quickstart("pause", local_node, training={"epochs": 100, "maxSteps": total},
                              checkpointing={"everySteps": 1_000_000, "keep": 1}))
     progress = wait_for(lambda: (p := kubectl.get("ftj", "pause").get("status", {}).get("progress") or {})
                         and p.get("step", 0) >= 3 and p, 300, interval=1, what="the trainer to make progress")
