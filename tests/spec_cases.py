@@ -56,6 +56,12 @@ INVALID = [
     ("bad-model-scheme", "spec.baseModel.source", "ftp://models/x", "spec.baseModel.source"),
     ("bad-dataset-scheme", "spec.dataset.source", "file:///etc/passwd", "spec.dataset.source"),
     ("bad-output-scheme", "spec.output.destination", "https://example.invalid/out", "spec.output.destination"),
+    # Schemes without a transport in this version: refused at apply time, saying so.
+    ("dataset-s3-not-yet", "spec.dataset.source", "s3://bucket/train.jsonl", "are not supported by this operator version yet"),
+    ("dataset-hf-not-yet", "spec.dataset.source", "hf://org/data", "must be a pvc:// or configmap:// URI"),
+    ("dataset-https-not-yet", "spec.dataset.source", "https://example.com/train.jsonl", "spec.dataset.source"),
+    ("model-oci-not-yet", "spec.baseModel.source", "oci://registry/repo:tag", "must be a hf:// or pvc:// or preset:// URI"),
+    ("output-s3-not-yet", "spec.output.destination", "s3://bucket/out", "must be a pvc:// URI"),
     ("bad-method", "spec.method", {"type": "prefix-tuning"}, "spec.method.type: Unsupported value"),
     ("rank-zero", "spec.method", {"lora": {"r": 0}}, "spec.method.lora.r"),
     ("dropout-one", "spec.method", {"lora": {"dropout": 1.0}}, "spec.method.lora.dropout"),

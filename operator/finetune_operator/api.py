@@ -37,6 +37,8 @@ from finetune_trainer.model_manifest import VERSION as VERSION
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from . import sources
+
 
 # Longest FineTuneJob name: children are named "<job>-trainer" etc. and Job names end up in
 # pod labels (63 characters), so leave room for the suffixes the operator adds.
@@ -50,11 +52,6 @@ MAX_JOB_NAME_LENGTH = 50
 # tests/unit/test_spec_rules.py fails on any pattern that breaks this.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# Printable ASCII but the space: no whitespace of any alphabet, nothing either engine reads differently.
-_URI_REST = r"[!-~]+$"
-MODEL_SOURCE = r"^(hf|pvc|s3|oci|preset)://" + _URI_REST
-DATASET_SOURCE = r"^(pvc|https|s3|configmap|hf)://" + _URI_REST
-OUTPUT_DESTINATION = r"^(pvc|s3|oci)://" + _URI_REST
 # A label value (also a taint's value, and a node's instance type): at most 63 characters.
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 LABEL_VALUE = rf"^({_LABEL_NAME})?$"
@@ -166,6 +163,18 @@ LABEL_VALUE_CHECK = matching(
 )
 LabelValue = Annotated[str, Field(max_length=63), *checked(LABEL_VALUE_CHECK)]
 TaintKey = Annotated[str, Field(max_length=317), *checked(LABEL_KEY_CHECK, UNRESERVED_KEY)]
+def uri_of(field: str) -> Check:
+    """A URI whose scheme this operator version can fetch for `field` (sources.SCHEMES): after
+    `://`, printable ASCII but the space, so no whitespace of any alphabet and nothing either
+    regex engine reads differently."""
+    schemes = sources.SCHEMES[field]
+    return matching(
+        rf"^({'|'.join(schemes)})://[!-~]+$",
+        f"must be a {' or '.join(s + '://' for s in schemes)} URI without spaces "
+        f"({sources.NOT_YET} are not supported by this operator version yet)",
+    )
+
+
 # The trainer's work is not a URI path a parent segment may climb out of.
 NO_PARENT_SEGMENTS = Check(
     "!{v}.matches('(^|/)[.][.](/|$)')",
@@ -195,12 +204,11 @@ SecretName = Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN)]
 class BaseModelSpec(BaseModelOptions, ApiModel):
     """The model to fine-tune."""
 
-    source: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
+    source: Annotated[str, *checked(uri_of("baseModel.source"), NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=MODEL_SOURCE,
         description="Where the base model comes from: hf://ORG/NAME (Hugging Face hub), pvc://CLAIM/PATH "
-        "(a directory on a PersistentVolumeClaim), s3://BUCKET/PREFIX, oci://REGISTRY/REPO:TAG, or "
-        f"preset://NAME for the built-in random-init configs ({', '.join(PRESET_NAMES)}).",
+        "(a directory on a PersistentVolumeClaim), or preset://NAME for the built-in random-init configs "
+        f"({', '.join(PRESET_NAMES)}). {sources.NOT_YET} sources are not supported yet.",
     )
     credentials_secret: SecretName | None = Field(
         default=None,
@@ -212,11 +220,10 @@ class BaseModelSpec(BaseModelOptions, ApiModel):
 class DatasetSpec(DatasetOptions, ApiModel):
     """The training data: JSON lines in chat, prompt-completion or text format."""
 
-    source: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
+    source: Annotated[str, *checked(uri_of("dataset.source"), NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=DATASET_SOURCE,
-        description="Where the JSONL data comes from: pvc://CLAIM/PATH, https://URL, s3://BUCKET/KEY, "
-        "configmap://NAME/KEY, or hf://ORG/NAME.",
+        description="Where the JSONL data comes from: pvc://CLAIM/PATH or configmap://NAME/KEY. "
+        f"{sources.NOT_YET} and hf:// datasets are not supported yet.",
     )
     credentials_secret: SecretName | None = Field(
         default=None, description="Name of a Secret in the job's namespace with credentials for the source."
@@ -327,11 +334,10 @@ class NodePoolSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where the fine-tuned weights are written and under which Model name they are published."""
 
-    destination: Annotated[str, *checked(NO_PARENT_SEGMENTS)] = Field(
+    destination: Annotated[str, *checked(uri_of("output.destination"), NO_PARENT_SEGMENTS)] = Field(
         max_length=1024,
-        pattern=OUTPUT_DESTINATION,
-        description="Where the adapter (or full weights) go: pvc://CLAIM/PATH, s3://BUCKET/PREFIX or "
-        "oci://REGISTRY/REPO:TAG.",
+        description="Where the adapter (or full weights) go: pvc://CLAIM/PATH, a directory of its own "
+        f"(docs/outputs.md). {sources.NOT_YET} destinations are not supported yet.",
     )
     credentials_secret: SecretName | None = Field(
         default=None, description="Name of a Secret in the job's namespace with credentials for the destination."
@@ -341,6 +347,12 @@ class OutputSpec(ApiModel):
         max_length=253,
         pattern=DNS_SUBDOMAIN,
         description="Name of the Model resource to publish (a DNS subdomain); defaults to the job's name.",
+    )
+    delete_model_with_job: bool = Field(
+        default=False,
+        description="Delete the published Model when this job is deleted (by hand or by "
+        "ttlSecondsAfterFinished). Off by default: the Model outlives its job, as the weights on the "
+        "volume do, and keeps its lineage (spec.sourceJob, spec.baseModel, spec.dataset).",
     )
 
 
@@ -530,7 +542,8 @@ class ModelStatus(StatusModel):
 
 
 class Model(StatusModel):
-    """A fine-tuned model published by a FineTuneJob."""
+    """A fine-tuned model published by a FineTuneJob. It outlives the job unless the job's
+    spec.output.deleteModelWithJob is true; spec.sourceJob names the job that produced it."""
 
     api_version: str = API_VERSION
     kind: str = "Model"

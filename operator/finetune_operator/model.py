@@ -2,7 +2,8 @@
 
 The manifest itself comes from `finetune_trainer.model_manifest.render_model`, the function the
 trainer writes model.yaml with, fed the same `PublishConfig` the trainer got in its config; this
-module adds only the Kubernetes parts (labels, ownerReference, the Ready condition).
+module adds only the Kubernetes parts (labels, the ownerReference when the job asks for one,
+the Ready condition).
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ def build_model(job: FineTuneJob, result: TrainerResult) -> dict:
     """The Model object (without status: status is a subresource, written separately)."""
     manifest = render_model(publish_config(job), job.spec.method, job.spec.training, result)
     manifest.pop("status")
-    manifest["metadata"].update(
-        labels=naming.labels(job, component="model"),
-        # The Model outlives nothing: deleting the job deletes what it published, unless the
-        # user removes this reference to keep the Model on its own.
-        ownerReferences=[naming.owner_reference(job)],
-    )
+    manifest["metadata"]["labels"] = naming.labels(job, component="model")
+    # A Model outlives its job by default, as its weights on the volume do (deleting a finished
+    # job, or its TTL, must not unpublish a model someone serves); the reference that lets the
+    # garbage collector delete it is there only when the spec asks.
+    if job.spec.output.delete_model_with_job:
+        manifest["metadata"]["ownerReferences"] = [naming.owner_reference(job)]
     return manifest
 
 
@@ -80,9 +81,11 @@ def published_here(existing: dict, built: dict, job: FineTuneJob) -> bool:
 
     `sourceJob.uid` alone proves nothing: anyone who may create Models can copy a job's UID into
     one with their own URI and digest, and the operator would then mark it Ready as "verified by
-    the trainer". The operator owns a Model only if it is controlled by this job (the
-    ownerReference the operator sets) and its spec is exactly the one built from this job's
-    result (a create the operator itself made, found again after a restart)."""
+    the trainer". So the whole spec must be exactly the one built from this job's result (its
+    URI, every digest, the job's UID): that is a create the operator itself made, found again
+    after a restart, or a copy that says nothing but the truth. When the job asked for its Model
+    to be deleted with it, the Model must also carry that reference, or the promise would not
+    hold."""
     controlled = any(ref.get("controller") and ref.get("uid") == job.metadata.uid
                      for ref in existing.get("metadata", {}).get("ownerReferences", []) or [])
-    return controlled and existing.get("spec") == built["spec"]
+    return existing.get("spec") == built["spec"] and (controlled or not job.spec.output.delete_model_with_job)

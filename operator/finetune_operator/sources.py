@@ -7,8 +7,8 @@ destination and nothing else of the claim (the kubelet creates a missing subPath
 that is, or passes through, a symlink leading out of the volume). Paths are normalised and
 confined to the mount, so a spec can never point the trainer outside its volume; the trainer
 also refuses input files whose symlinks resolve outside their mount (`Resolved.root`, passed to
-it as `volumeRoot`). Other schemes are passed to the trainer as they are (presets, the hub) or
-are rejected with a clear message until a fetcher exists for them.
+it as `volumeRoot`). Presets and the hub are passed to the trainer as they are; other schemes are
+refused (at `kubectl apply`, by the CRD: `SCHEMES`) until a fetcher exists for them.
 
 Destinations are exclusive (docs/outputs.md): `destination_key` and `overlaps` say when two
 destinations share files, one being the other or inside it.
@@ -26,6 +26,16 @@ CONFIGMAP_ROOT = "/mnt/configmap"
 OUTPUT_ROOT = "/mnt/output"  # the output destination's own directory (a subPath of its claim)
 
 _URI = re.compile(r"^(?P<scheme>[a-z0-9]+)://(?P<rest>.+)$")
+
+# The schemes `resolve` can hand to the trainer, by field: the CRD accepts these and no others
+# (finetune_operator.api), so a scheme without a transport is refused at `kubectl apply`.
+SCHEMES = {
+    "baseModel.source": ("hf", "pvc", "preset"),
+    "dataset.source": ("pvc", "configmap"),
+    "output.destination": ("pvc",),
+}
+# Named in the spec's descriptions and the CRD's messages, so nobody waits for a job to find out.
+NOT_YET = "s3://, oci:// and https://"
 
 
 class UnsupportedSource(ValueError):
@@ -121,11 +131,8 @@ def resolve(uri: str, field: str, *, writable: bool = False, claim_dirs: dict[st
         return Resolved(f"{mount.mount_path}/{key}", mount, root=mount.mount_path)
     if scheme in ("preset", "hf") and not writable:
         return Resolved(uri)
-    raise UnsupportedSource(
-        f"{field}: {scheme}:// is not supported by this operator version; use pvc://"
-        + (", configmap://" if field == "dataset.source" else "")
-        + (" or preset:// or hf://" if field == "baseModel.source" else "")
-    )
+    raise UnsupportedSource(f"{field}: {scheme}:// is not supported by this operator version; use "
+                            + " or ".join(f"{s}://" for s in SCHEMES.get(field, ("pvc",))))
 
 
 def merge_mounts(*resolved: Resolved) -> list[Mount]:

@@ -293,6 +293,16 @@ def test_admission_policy_pins_what_the_operator_may_create(helm, kubectl: Kubec
         assert "created (server dry run)" in server_says(built)
         assert "created (server dry run)" in server_says(config)
         assert "created (server dry run)" in server_says(children.build_network_policy(job))
+        # A Model outlives its job (no ownerReference) but must name it, in its lineage and label.
+        from finetune_operator.model import model_to_validate
+        model = model_to_validate(job)
+        assert "ownerReferences" not in model["metadata"]
+        assert "created (server dry run)" in server_says(model)
+        for break_it in (lambda m: m["metadata"]["labels"].update({"finetune.ai/job": "other"}),
+                         lambda m: m["spec"]["sourceJob"].update(uid="")):
+            nameless = json.loads(json.dumps(model))
+            break_it(nameless)
+            assert "Models that name their FineTuneJob" in server_says(nameless)
 
         other_image = json.loads(json.dumps(built))
         other_image["spec"]["template"]["spec"]["containers"][0]["image"] = "busybox"

@@ -132,9 +132,12 @@ def test_crashes_at_every_window_over_many_lifecycles(kubectl, kubeconfig, names
             wait_for(lambda uid=uid: not cluster.items("nodepools.karpenter.sh", f"finetune.ai/job-uid={uid}"),
                      60, what=f"{name}'s NodePool to be released")
         owners = set(uids.values())
-        orphans = [obj["metadata"]["name"] for kind in CHILD_KINDS[:-2] + ("models",)
+        orphans = [obj["metadata"]["name"] for kind in CHILD_KINDS[:-2]
                    for obj in kubectl.items(kind, "app.kubernetes.io/managed-by=finetune-operator")
                    if obj["metadata"]["ownerReferences"][0]["uid"] not in owners]
+        # Models outlive their jobs (no ownerReference): each names the job that published it.
+        orphans += [m["metadata"]["name"] for m in kubectl.items("models", "app.kubernetes.io/managed-by=finetune-operator")
+                    if m["spec"]["sourceJob"]["uid"] not in owners or "ownerReferences" in m["metadata"]]
         assert not orphans
         # Every kill landed mid-work: it is a window reached. A window can be passed without its
         # kill when another job's kill stopped the operator a moment before (the Job created, the

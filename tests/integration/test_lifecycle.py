@@ -54,17 +54,27 @@ def test_deadline_fails_the_job(kubectl, operator):
     assert "spec.activeDeadlineSeconds" in condition(ftj, "Failed")["message"]
 
 
-def test_ttl_deletes_finished_jobs(kubectl, operator):
-    kubectl.create(job_manifest(ttlSecondsAfterFinished=3))
-    finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
-    wait_phase(kubectl, "Succeeded")
+def test_ttl_deletes_finished_jobs_and_their_models_outlive_them_unless_asked(kubectl, operator):
+    kept = kubectl.create(job_manifest("kept", ttlSecondsAfterFinished=3))
+    kubectl.create(job_manifest("cascade", ttlSecondsAfterFinished=3,
+                                output={"destination": "pvc://models/cascade", "deleteModelWithJob": True}))
+    for name in ("kept", "cascade"):
+        finish_pod(kubectl, running_pod(kubectl, name), 0, json.dumps(RESULT))
+    for name in ("kept", "cascade"):
+        wait_phase(kubectl, "Succeeded", name)
     # The delete itself is sent 3 s after finishing; the FineTuneJob goes when kopf, on that event,
     # stops its timers and drops the finalizer. Twice in CI that event waited behind a request
     # that hung until the operator's 30 s request timeout (networking.request_timeout), so the
     # wait allows for one such timeout.
-    wait_for(lambda: kubectl.get("ftj", "demo") is None, 90, what="the TTL to delete the job")
-    wait_for(lambda: kubectl.get("job", "demo-trainer") is None and kubectl.get("model", "demo") is None, 60,
-             what="its children to be garbage-collected")
+    for name in ("kept", "cascade"):
+        wait_for(lambda name=name: kubectl.get("ftj", name) is None, 90, what=f"the TTL to delete {name}")
+    wait_for(lambda: not any(kubectl.get("job", f"{n}-trainer") for n in ("kept", "cascade"))
+             and kubectl.get("model", "cascade") is None, 60, what="their children to be garbage-collected")
+    # The Model published by default stays, Ready, with its lineage: someone may be serving it.
+    model = kubectl.get("model", "kept")
+    assert model and model["status"]["phase"] == "Ready", model
+    assert model["spec"]["sourceJob"] == {"name": "kept", "uid": kept["metadata"]["uid"]}
+    assert "ownerReferences" not in model["metadata"]
 
 
 def _finish_two_node_job(kubectl, rank0_result: dict) -> None:

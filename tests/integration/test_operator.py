@@ -199,11 +199,11 @@ def test_invalid_result_is_a_failure(kubectl, operator):
     assert kubectl.get("model", "demo") is None
 
 
-def test_unsupported_source_fails_clearly_and_creates_nothing(kubectl, operator):
-    kubectl.create(job_manifest(dataset={"source": "s3://bucket/train.jsonl"}))
+def test_a_source_the_operator_cannot_mount_fails_clearly_and_creates_nothing(kubectl, operator):
+    kubectl.create(job_manifest(dataset={"source": "configmap://only-name"}))
     ftj = wait_phase(kubectl, "Failed")
     assert condition(ftj, "Failed")["reason"] == "InvalidSpec"
-    assert "dataset.source: s3:// is not supported" in condition(ftj, "Failed")["message"]
+    assert "dataset.source: configmap:// needs NAME/KEY" in condition(ftj, "Failed")["message"]
     time.sleep(2)
     assert kubectl.items("jobs") == [] and kubectl.items("configmaps", "finetune.ai/job=demo") == []
 

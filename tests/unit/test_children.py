@@ -180,14 +180,23 @@ def test_deadline_maps_to_the_job():
     assert children.build_job(make_job(activeDeadlineSeconds=600), SETTINGS)["spec"]["activeDeadlineSeconds"] == 600
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("dataset", {"source": "s3://bucket/x.jsonl"}, "dataset.source: s3:// is not supported"),
-    ("output", {"destination": "oci://reg/repo:tag"}, "output.destination: oci:// is not supported"),
-    ("dataset", {"source": "configmap://only-name"}, "configmap:// needs NAME/KEY"),
+def test_a_configmap_without_a_key_is_refused_before_anything_is_built():
+    with pytest.raises(UnsupportedSource, match="configmap:// needs NAME/KEY"):
+        children.build_config_map(make_job(dataset={"source": "configmap://only-name"}), SETTINGS)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("dataset", {"source": "s3://bucket/x.jsonl"}, "pvc:// or configmap://"),
+    ("dataset", {"source": "hf://org/data"}, "pvc:// or configmap://"),
+    ("dataset", {"source": "https://example.com/x.jsonl"}, "pvc:// or configmap://"),
+    ("output", {"destination": "oci://reg/repo:tag"}, "pvc://"),
+    ("output", {"destination": "s3://bucket/out"}, "pvc://"),
+    ("baseModel", {"source": "s3://bucket/model"}, "hf:// or pvc:// or preset://"),
 ])
-def test_unsupported_sources_are_refused_before_anything_is_built(field, value, message):
-    with pytest.raises(UnsupportedSource, match=message.replace("(", r"\(")):
-        children.build_config_map(make_job(**{field: value}), SETTINGS)
+def test_schemes_without_a_transport_are_refused_when_the_spec_is_parsed(field, value, allowed):
+    """The same rule the CRD applies at `kubectl apply` (tests/spec_cases.py runs it there)."""
+    with pytest.raises(ValueError, match=f"must be a {allowed} URI without spaces .*not supported"):
+        make_job(**{field: value})
 
 
 def test_progress_channel_is_a_pod_bound_token_for_the_operator():

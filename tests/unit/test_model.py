@@ -24,7 +24,7 @@ def test_model_from_result():
     ftj = make_job(output={"destination": "pvc://models/x", "modelName": "support-bot-v2"})
     model = build_model(ftj, RESULT)
     assert model["metadata"]["name"] == "support-bot-v2"
-    assert model["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert "ownerReferences" not in model["metadata"]  # it outlives the job
     spec = model["spec"]
     assert spec["adapter"] == {"uri": "pvc://models/x", "format": "peft", "sha256": "a" * 64, "sizeBytes": 15,
                                "files": {"adapter_model.safetensors": {"sha256": "a" * 64, "size": 10},
@@ -35,8 +35,8 @@ def test_model_from_result():
     assert published_here(model, model, ftj)
 
 
-def test_a_model_is_this_jobs_only_if_it_controls_it_and_its_spec_is_the_one_built():
-    ftj = make_job()
+def test_a_model_is_this_jobs_only_if_its_spec_is_the_one_built():
+    ftj = make_job(output={"destination": "pvc://models/x", "deleteModelWithJob": True})
     built = build_model(ftj, RESULT)
     # A forgery: the job's UID copied into sourceJob, someone else's weights.
     forged = copy.deepcopy(built)
@@ -47,7 +47,12 @@ def test_a_model_is_this_jobs_only_if_it_controls_it_and_its_spec_is_the_one_bui
     with_owner = copy.deepcopy(forged)
     with_owner["metadata"]["ownerReferences"] = built["metadata"]["ownerReferences"]
     assert not published_here(with_owner, built, ftj)
-    # The right spec without the controller reference (a namesake, or a copy) is not it either.
+    for field, value in (("sha256", "f" * 64), ("sizeBytes", 16)):
+        other_weights = copy.deepcopy(built)
+        other_weights["spec"]["adapter"][field] = value
+        assert not published_here(other_weights, built, ftj), field
+    # The job asked for its Model to go with it: the right spec without the controller
+    # reference (a namesake, or a copy) would outlive it, so it is not this job's.
     unowned = copy.deepcopy(built)
     unowned["metadata"]["ownerReferences"][0]["controller"] = False
     assert not published_here(unowned, built, ftj)
@@ -79,9 +84,9 @@ def test_the_trainer_renders_the_model_the_operator_publishes():
 def test_publish_config_is_the_job_in_the_users_terms():
     ftj = make_job(baseModel={"source": "hf://org/base", "revision": "v2"},
                    dataset={"source": "pvc://data/sets/train.jsonl", "sha256": "c" * 64},
-                   output={"destination": "s3://bucket/out", "modelName": "bot"})
+                   output={"destination": "pvc://models/out", "modelName": "bot"})
     assert publish_config(ftj).to_wire() == {
-        "name": "bot", "namespace": "team-a", "uri": "s3://bucket/out",
+        "name": "bot", "namespace": "team-a", "uri": "pvc://models/out",
         "baseModel": {"source": "hf://org/base", "revision": "v2"},
         "dataset": {"source": "pvc://data/sets/train.jsonl", "sha256": "c" * 64},
         "sourceJob": {"name": "demo", "uid": "uid-1"},
@@ -92,7 +97,7 @@ def test_publish_config_is_the_job_in_the_users_terms():
     assert publish_config(FineTuneJob.model_validate(raw)).source_job.uid == ""
 
 
-def test_the_model_is_labelled_and_owned_by_its_job_and_has_no_status():
+def test_the_model_is_labelled_outlives_its_job_and_has_no_status():
     model = build_model(make_job(), RESULT)
     assert model["apiVersion"] == "finetune.ai/v1alpha1" and model["kind"] == "Model"
     assert "status" not in model
@@ -106,16 +111,20 @@ def test_the_model_is_labelled_and_owned_by_its_job_and_has_no_status():
             "app.kubernetes.io/component": "model",
             "finetune.ai/job": "demo",
         },
-        "ownerReferences": [{"apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "name": "demo",
-                             "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}],
     }
+    # Deleted with its job only when the spec says so: then the job controls it.
+    owned = build_model(make_job(output={"destination": "pvc://models/x", "deleteModelWithJob": True}), RESULT)
+    assert owned["metadata"]["ownerReferences"] == [{
+        "apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "name": "demo",
+        "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
 
 
 def test_the_model_to_validate_has_placeholder_digests_for_the_methods_weights_file():
     zeros = "0" * 64
     for method, weights, fmt in (({"type": "lora"}, "adapter_model.safetensors", "peft"),
                                  ({"type": "full"}, "model.safetensors", "full")):
-        ftj = make_job(method=method, output={"destination": "pvc://models/x", "modelName": "bot"})
+        ftj = make_job(method=method, output={"destination": "pvc://models/x", "modelName": "bot",
+                                              "deleteModelWithJob": True})
         model = model_to_validate(ftj)
         assert model["metadata"]["name"] == "bot" and model["metadata"]["namespace"] == "team-a"
         assert model["metadata"]["ownerReferences"] == [naming.owner_reference(ftj)]
@@ -143,8 +152,9 @@ def test_model_status_is_ready_as_of_now_for_the_models_generation():
     assert before <= datetime.fromisoformat(condition["lastTransitionTime"].replace("Z", "+00:00")) <= after
 
 
-def test_a_model_without_owner_references_is_not_this_jobs():
-    ftj = make_job()
+def test_a_model_without_owner_references_is_this_jobs_only_when_it_outlives_the_job():
+    assert published_here({"spec": (b := build_model(make_job(), RESULT))["spec"]}, b, make_job())
+    ftj = make_job(output={"destination": "pvc://models/x", "deleteModelWithJob": True})
     built = build_model(ftj, RESULT)
     assert not published_here({"spec": built["spec"]}, built, ftj)
     assert not published_here({"metadata": {"ownerReferences": None}, "spec": built["spec"]}, built, ftj)
