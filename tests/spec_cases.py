@@ -62,6 +62,17 @@ INVALID = [
     ("dataset-https-not-yet", "spec.dataset.source", "https://example.com/train.jsonl", "spec.dataset.source"),
     ("model-oci-not-yet", "spec.baseModel.source", "oci://registry/repo:tag", "must be a hf:// or pvc:// or preset:// URI"),
     ("output-s3-not-yet", "spec.output.destination", "s3://bucket/out", "must be a pvc:// URI"),
+    # Trainer pod settings cannot change what the operator sets or selects on.
+    ("pod-env-reserved", "spec.trainerPod", {"env": [{"name": "CUDA_VISIBLE_DEVICES", "value": "0,1"}]}, "is set by the operator"),
+    ("pod-env-prefix", "spec.trainerPod", {"env": [{"name": "FINETUNE_X", "value": "1"}]}, "is set by the operator"),
+    ("pod-env-name", "spec.trainerPod", {"env": [{"name": "1BAD", "value": "1"}]}, "spec.trainerPod.env[0].name"),
+    ("pod-env-twice", "spec.trainerPod", {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+     "env names must be unique"),
+    ("pod-label-operator-key", "spec.trainerPod", {"labels": {"app.kubernetes.io/component": "x"}}, "the operator's own prefixes"),
+    ("pod-annotation-operator-key", "spec.trainerPod", {"annotations": {"karpenter.sh/do-not-disrupt": "false"}},
+     "the operator's own prefixes"),
+    ("pod-label-value", "spec.trainerPod", {"labels": {"team": "a b"}}, "must be a label value"),
+    ("pod-priority-class", "spec.trainerPod", {"priorityClassName": "High"}, "spec.trainerPod.priorityClassName"),
     ("bad-method", "spec.method", {"type": "prefix-tuning"}, "spec.method.type: Unsupported value"),
     ("rank-zero", "spec.method", {"lora": {"r": 0}}, "spec.method.lora.r"),
     ("dropout-one", "spec.method", {"lora": {"dropout": 1.0}}, "spec.method.lora.dropout"),
@@ -164,6 +175,10 @@ INVALID = [
 
 # Specs both validators accept: the rules above refuse only what they must.
 ACCEPTED = [
+    ("pod-settings", "spec.trainerPod", {
+        "serviceAccountName": "trainer", "priorityClassName": "gpu-high", "imagePullSecrets": ["regcred"],
+        "labels": {"team": "a", "sidecar.istio.io/inject": "false"}, "annotations": {"example.com/note": "a b: c"},
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "HF_ENDPOINT", "value": "https://hub.example"}]}),
     ("memory-binary", "spec.resources", {"memory": "512Mi"}),
     ("memory-fraction", "spec.resources", {"memory": "1.5Gi"}),
     ("memory-exponent", "spec.resources", {"memory": "1e9"}),

@@ -331,6 +331,72 @@ class NodePoolSpec(ApiModel):
     )
 
 
+# Pod metadata keys the operator sets or selects on (naming.labels, NetworkPolicies, the Job
+# controller, Karpenter's disruption annotations): a job's own labels and annotations may not use them.
+OPERATOR_METADATA_PREFIXES = ("finetune.ai/", "app.kubernetes.io/", "batch.kubernetes.io/", "karpenter.sh/")
+OPERATOR_METADATA_KEY = Check(
+    "!(" + " || ".join(f"{{v}}.startsWith('{p}')" for p in OPERATOR_METADATA_PREFIXES) + ")",
+    f"must not use the operator's own prefixes ({', '.join(p + '*' for p in OPERATOR_METADATA_PREFIXES)})",
+    lambda v: not v.startswith(OPERATOR_METADATA_PREFIXES),
+)
+# Environment the operator sets, and what torchrun and the trainer read to find their rank and
+# devices: extra env cannot change them (children.build_job's own env must stay inside this list).
+RESERVED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED", "NODE_RANK", "POD_IP", "RANK", "LOCAL_RANK",
+                "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES")
+RESERVED_ENV_PREFIX = "FINETUNE_"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+UNRESERVED_ENV = Check(
+    f"!({{v}} in {_strings(RESERVED_ENV)} || {{v}}.startsWith('{RESERVED_ENV_PREFIX}'))",
+    f"is set by the operator ({', '.join(RESERVED_ENV)}, {RESERVED_ENV_PREFIX}*)",
+    lambda v: not (v in RESERVED_ENV or v.startswith(RESERVED_ENV_PREFIX)),
+)
+
+
+class EnvVar(ApiModel):
+    """One environment variable of the trainer container: a plain value (credentials come from
+    the Secrets the spec names, never from env)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=ENV_NAME), *checked(UNRESERVED_ENV)] = Field(
+        description="Variable name (a C identifier), e.g. NCCL_SOCKET_IFNAME or HTTPS_PROXY.")
+    value: str = Field(default="", max_length=4096, description="Its value.")
+
+
+_POD_LABEL_KEYS = (
+    each_key(LABEL_KEY_CHECK, "keys " + LABEL_KEY_CHECK.message.replace("must be a label key", "must be label keys")),
+    each_key(OPERATOR_METADATA_KEY, "keys " + OPERATOR_METADATA_KEY.message),
+)
+
+
+class TrainerPodSpec(ApiModel):
+    """Settings of the trainer pods a cluster may need: pull secrets, a service account, a
+    priority class, metadata for sidecars and policies, environment for NCCL or proxies. The
+    operator's defaults (chart value trainer.pod) apply first; a job's own values win field by
+    field (labels, annotations and env merged by key)."""
+
+    RULES = (Rule(
+        "!has(self.env) || self.env.all(e, self.env.exists_one(f, f.name == e.name))",
+        "env names must be unique",
+        ".env",
+        lambda p: p.env is None or len({e.name for e in p.env}) == len(p.env),
+    ),)
+
+    service_account_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="ServiceAccount the trainer pods run as "
+        "(for workload identity; no API token is mounted either way).")
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the trainer pods.")
+    image_pull_secrets: list[SecretName] | None = Field(
+        default=None, max_length=8, description="Secrets for pulling the trainer image (names in the job's namespace).")
+    labels: Annotated[dict[str, LabelValue], Field(max_length=32), *checked(*_POD_LABEL_KEYS)] | None = Field(
+        default=None, description="Extra labels of the trainer pods.")
+    annotations: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32),
+                           *checked(*_POD_LABEL_KEYS)] | None = Field(
+        default=None, description="Extra annotations of the trainer pods, e.g. a service mesh's sidecar opt-out.")
+    env: list[EnvVar] | None = Field(
+        default=None, max_length=64, description="Extra environment of the trainer container (NCCL, proxies, "
+        "HF_ENDPOINT for a hub mirror). Names the operator sets are refused.")
+
+
 class OutputSpec(ApiModel):
     """Where the fine-tuned weights are written and under which Model name they are published."""
 
@@ -430,6 +496,9 @@ class FineTuneJobSpec(ApiModel):
         default_factory=NodePoolSpec, description="Node provisioning.", json_schema_extra=immutable("nodePool")
     )
     output: OutputSpec = Field(description="Where the result goes.", json_schema_extra=immutable("output"))
+    trainer_pod: TrainerPodSpec = Field(
+        default_factory=TrainerPodSpec, description="Trainer pod settings on top of the operator's defaults.",
+        json_schema_extra=immutable("trainerPod"))
     checkpointing: CheckpointingSpec = Field(
         default_factory=CheckpointingSpec,
         description="Checkpoint cadence and retention.",

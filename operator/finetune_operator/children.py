@@ -8,7 +8,7 @@ import finetune_trainer.cli as trainer_cli  # torch-free at import: only its mod
 import yaml
 
 from . import checkpoint_key, failures, naming, provisioning, sources, trainer_config
-from .api import FineTuneJob
+from .api import FineTuneJob, TrainerPodSpec
 from .naming import TRAINER_CONTAINER
 from .progress import AUDIENCE as PROGRESS_AUDIENCE
 from .settings import OperatorSettings
@@ -112,6 +112,23 @@ def _resources(job: FineTuneJob) -> dict:
     return {"requests": requests, "limits": limits}
 
 
+def trainer_pod_settings(job: FineTuneJob, settings: OperatorSettings) -> TrainerPodSpec:
+    """The operator's trainer pod defaults with the job's own values on top: a set field wins,
+    labels, annotations and env are merged by key (the job's win), pull secrets are both lists."""
+    base, own = settings.trainer_pod, job.spec.trainer_pod
+    env = {e.name: e for e in base.env or ()} | {e.name: e for e in own.env or ()}
+    # Built without validation: each side passed it, and the union may hold more pull secrets
+    # than one side may name.
+    return TrainerPodSpec.model_construct(
+        service_account_name=own.service_account_name or base.service_account_name,
+        priority_class_name=own.priority_class_name or base.priority_class_name,
+        image_pull_secrets=list(dict.fromkeys([*(base.image_pull_secrets or ()), *(own.image_pull_secrets or ())])),
+        labels={**(base.labels or {}), **(own.labels or {})},
+        annotations={**(base.annotations or {}), **(own.annotations or {})},
+        env=list(env.values()),
+    )
+
+
 def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
     spec = job.spec
     name = naming.trainer_name(job)
@@ -162,6 +179,9 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
     ]
     if not spec.base_model.source.startswith("hf://"):
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    pod_settings = trainer_pod_settings(job, settings)
+    # The API refuses extra names the operator sets (api.RESERVED_ENV), so these never collide.
+    env += [{"name": e.name, "value": e.value} for e in pod_settings.env]
 
     container = {
         "name": TRAINER_CONTAINER,
@@ -181,24 +201,34 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    pod_labels = naming.labels(job)
+    # The job's extra metadata first: the operator's own keys (selectors, the Job controller's)
+    # are refused by the API for extra labels and annotations, and win here regardless.
+    pod_labels = {**pod_settings.labels, **naming.labels(job)}
     placement = provisioning.pod_placement(job, settings)
-    pod_annotations = placement.pop("annotations", {})
+    pod_annotations = {**pod_settings.annotations, **placement.pop("annotations", {})}
+    security = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    if settings.trainer_run_as_user is not None:
+        uid = settings.trainer_run_as_user
+        # Chown a volume only when its root is not the group's already, not every file of a
+        # large claim on every start.
+        security |= {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "fsGroupChangePolicy": "OnRootMismatch"}
     pod_spec = {
         "restartPolicy": "Never",
-        # The trainer needs no Kubernetes API access.
+        # The trainer needs no Kubernetes API access, whichever ServiceAccount it runs as.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            # Chown a volume only when its root is not the group's already, not
-                            # every file of a large claim on every start.
-                            "fsGroupChangePolicy": "OnRootMismatch",
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": security,
         "containers": [container],
         "volumes": volumes,
         **placement,
     }
+    if pod_settings.service_account_name:
+        pod_spec["serviceAccountName"] = pod_settings.service_account_name
+    if pod_settings.priority_class_name:
+        pod_spec["priorityClassName"] = pod_settings.priority_class_name
+    if pod_settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in pod_settings.image_pull_secrets]
     if settings.trainer_host_network:
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,33 @@ def rendered() -> dict[str, str]:
     return out
 
 
+VALUES_SCHEMA = REPO_ROOT / "charts" / "finetune-operator" / "values.schema.json"
+
+
+def _json_schema(node: Any) -> Any:
+    """A structural schema as plain JSON Schema: Helm ignores CEL, and `nullable` is spelled as
+    a null type."""
+    if isinstance(node, list):
+        return [_json_schema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _json_schema(v) for k, v in node.items() if k not in ("x-kubernetes-validations", "nullable")}
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def values_schema() -> str:
+    """The chart's values.schema.json with trainer.pod generated from spec.trainerPod, so the
+    chart's defaults and a job's own settings have one schema (the rest is written there)."""
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    pod = _json_schema(schema_of(api.TrainerPodSpec))
+    pod["additionalProperties"] = False
+    pod["description"] = "Defaults for every trainer pod (generated from FineTuneJob spec.trainerPod). " + pod["description"]
+    schema["properties"]["trainer"]["properties"]["pod"] = pod
+    return json.dumps(schema, indent=2) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a checked-in CRD differs")
@@ -252,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 directory.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
+    values = values_schema()
+    if args.check and VALUES_SCHEMA.read_text() != values:
+        drifted.append(str(VALUES_SCHEMA.relative_to(REPO_ROOT)))
+    elif not args.check:
+        VALUES_SCHEMA.write_text(values)
     if drifted:
         print(f"CRDs out of date with api.py: {', '.join(drifted)}; run `make crds`", file=sys.stderr)
         return 1

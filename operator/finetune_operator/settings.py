@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .api import TrainerPodSpec
+
 ENV_PREFIX = "FINETUNE_"
 
 
@@ -46,6 +48,8 @@ CHART_VALUES = {
     "karpenter_node_class": "karpenter.nodeClassRef",
     "cpu_pool_requirements": "karpenter.cpuPoolRequirements",
     "gpu_pool_requirements": "karpenter.gpuPoolRequirements",
+    "trainer_pod": "trainer.pod",
+    "trainer_run_as_user": "trainer.runAsUser",
 }
 
 
@@ -60,6 +64,15 @@ class OperatorSettings(BaseSettings):
     trainer_host_network: bool = Field(
         default=False,
         description="Run trainer pods in the node's network namespace (nodes without a pod network, RDMA NICs).",
+    )
+    trainer_pod: Annotated[TrainerPodSpec, NoDecode] = Field(
+        default_factory=TrainerPodSpec,
+        description="Defaults for every trainer pod as JSON, the schema of a FineTuneJob's spec.trainerPod "
+        "(pull secrets, service account, priority class, labels, annotations, env); a job's own values win.",
+    )
+    trainer_run_as_user: int | None = Field(
+        default=1000, ge=1, description="UID (and GID, fsGroup) of the trainer pods; empty leaves them to the "
+        "cluster (OpenShift's assigned UID ranges). The image runs as any non-root UID.",
     )
     default_provisioner: Literal["karpenter", "existing", "none"] = "none"
     namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty watches all.")
@@ -110,18 +123,23 @@ class OperatorSettings(BaseSettings):
     crash_points_dir: str | None = Field(
         default=None, description="Tests only: a directory of armed crash points (crashpoints.py); never set in a cluster.")
 
-    @field_validator("karpenter_node_class", "cpu_pool_requirements", "gpu_pool_requirements", mode="before")
+    @field_validator("karpenter_node_class", "cpu_pool_requirements", "gpu_pool_requirements", "trainer_pod", mode="before")
     @classmethod
     def _json(cls, value: Any, info: ValidationInfo) -> Any:
         """The chart passes these as JSON; empty means unset."""
         if not isinstance(value, str):
             return value
         if not value.strip():
-            return None if info.field_name == "karpenter_node_class" else ()
+            return {"karpenter_node_class": None, "trainer_pod": {}}.get(info.field_name, ())
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+
+    @field_validator("trainer_run_as_user", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _default_pool_needs_a_node_class(self) -> "OperatorSettings":

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from kubetools import REPO, VENV_BIN, Kubectl, free_port, wait_for
+from spec_cases import VALID
 
 from conftest import CHART, LOCAL_NODE_VALUES, OPERATOR_IMAGE, TRAINER_IMAGE, volume_dirs
 
@@ -48,7 +49,12 @@ def _docs(text: str) -> list[dict]:
     ["--set", "watchNamespaces={NS}", "--set", "karpenter.enabled=true", "--set", "replicaCount=2",
      "--set-json", 'karpenter.nodeClassRef={"group":"karpenter.kwok.sh","kind":"KWOKNodeClass","name":"default"}',
      "--set", "metrics.serviceMonitor.enabled=true", "--set", "progress.enabled=false"],
-], ids=["defaults", "local-node", "namespaced-karpenter"])
+    ["--set", "replicaCount=2", "--set", "podDisruptionBudget.enabled=true", "--set", "podAnnotations.example\\.com/a=b",
+     "--set-json", 'topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"kubernetes.io/hostname",'
+     '"whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"finetune-operator"}}}]',
+     "--set-json", 'extraEnv=[{"name":"NO_PROXY","value":".svc"}]', "--set", "trainer.runAsUser=null",
+     "--set-json", 'trainer.pod={"env":[{"name":"NCCL_DEBUG","value":"INFO"}]}'],
+], ids=["defaults", "local-node", "namespaced-karpenter", "extras"])
 def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace: str, values: list[str]) -> None:
     values = [v.replace("NS", namespace) for v in values]
     rendered = helm("template", "v", str(CHART), "--namespace", namespace, "--include-crds", *values).stdout
@@ -128,6 +134,14 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         lease = wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity"), 60,
                          what="the operator to take its Lease")
         assert lease == name
+        # It watches only `namespace`: a FineTuneJob anywhere else is refused at apply time,
+        # saying why, rather than accepted and never run.
+        def elsewhere() -> str:
+            proc = cluster("create", "--dry-run=server", "-n", "default", "-f", "-", input=json.dumps(VALID), check=False)
+            return proc.stdout + proc.stderr
+        refused = wait_for(lambda: (said := elsewhere()) and "would never run" in said and said, 30,
+                           what="the watched-namespaces policy to take effect")
+        assert f"watches only namespaces {namespace}; a FineTuneJob in default would never run" in refused
 
         # Users, through the built-in roles the chart aggregates into: their own jobs, Models
         # read-only, no status (so no forged Model or progress).
@@ -206,7 +220,9 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
     finally:
         _released(helm, release, namespace)
 
-    # Helm keeps CRDs (and the namespace it was given); nothing of the release is left.
+    # Helm keeps CRDs (and the namespace it was given); nothing of the release is left, and
+    # its namespace policy no longer refuses jobs elsewhere (the next tests create them).
+    wait_for(lambda: "created (server dry run)" in elsewhere(), 60, what="the watched-namespaces policy to go")
     wait_for(lambda: not kubectl.items(RELEASE_KINDS, f"app.kubernetes.io/instance={release}"), 60,
              what="the release's objects to go")
     leftover = cluster("get", "clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={release}",
@@ -320,3 +336,55 @@ def test_admission_policy_pins_what_the_operator_may_create(helm, kubectl: Kubec
         for doc in installed:
             scope = ["-n", namespace] if doc["kind"] in ("ServiceAccount", "Role", "RoleBinding") else []
             cluster("delete", doc["kind"], doc["metadata"]["name"], *scope, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("values,says", [
+    (["--set", "provisioner=bogus"], "provisioner"),
+    (["--set", "watchNamespaces=team-a"], "watchNamespaces"),
+    (["--set", "watchNamespaces={Team_A}"], "watchNamespaces"),
+    (["--set", "replicaCont=2"], "replicaCont"),
+    (["--set", "trainer.runAsUser=0"], "runAsUser"),
+    (["--set-json", 'trainer.pod={"env":[{"name":"NCCL_DEBUG","value":"INFO"}],"sidecars":true}'], "sidecars"),
+    (["--set-json", 'trainer.pod={"priorityClassName":"High"}'], "priorityClassName"),
+], ids=["provisioner", "namespaces-as-string", "namespace-not-a-label", "typo", "root", "pod-unknown-field", "pod-bad-name"])
+def test_values_the_schema_refuses_fail_before_anything_renders(helm, values: list[str], says: str) -> None:
+    proc = helm("template", "v", str(CHART), *values, check=False)
+    assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+    assert says in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("values,says", [
+    (["--set", "provisioner=karpenter"], "karpenter.enabled is false"),
+    (["--set", "provisioner=karpenter", "--set", "karpenter.enabled=true"], "karpenter.nodeClassRef is empty"),
+    (["--set", "podDisruptionBudget.enabled=true"], "needs replicaCount of 2 or more"),
+], ids=["karpenter-disabled", "no-node-class", "pdb-one-replica"])
+def test_values_that_cannot_work_together_fail_with_the_fix(helm, values: list[str], says: str) -> None:
+    proc = helm("template", "v", str(CHART), *values, check=False)
+    assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+
+
+def test_trainer_pod_defaults_reach_the_operators_settings_and_the_operator_pod_takes_its_extras(helm) -> None:
+    from finetune_operator.settings import OperatorSettings
+
+    pod_defaults = {"imagePullSecrets": ["regcred"], "priorityClassName": "training",
+                    "annotations": {"sidecar.istio.io/inject": "false"},
+                    "env": [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.internal"}]}
+    docs = _docs(helm("template", "v", str(CHART), "--set-json", f"trainer.pod={json.dumps(pod_defaults)}",
+                      "--set", "trainer.runAsUser=null", "--set", "replicaCount=2", "--set", "podDisruptionBudget.enabled=true",
+                      "--set", "priorityClassName=system-cluster-critical", "--set", "podLabels.team=ml",
+                      "--set", "serviceAccount.annotations.iam\\.gke\\.io/gcp-service-account=op@p.iam",
+                      "--set-json", 'extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy:3128"}]').stdout)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # What the operator reads at startup is what the chart was given, in the API's own schema.
+    settings = OperatorSettings(**{k.removeprefix("FINETUNE_").lower(): v for k, v in env.items()
+                                   if k in ("FINETUNE_TRAINER_POD", "FINETUNE_TRAINER_RUN_AS_USER")})
+    assert settings.trainer_pod.to_wire() == pod_defaults and settings.trainer_run_as_user is None
+    assert env["HTTPS_PROXY"] == "http://proxy:3128"
+    assert pod["spec"]["priorityClassName"] == "system-cluster-critical" and pod["metadata"]["labels"]["team"] == "ml"
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "op@p.iam"}
+    budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]

@@ -208,6 +208,26 @@ def test_a_source_the_operator_cannot_mount_fails_clearly_and_creates_nothing(ku
     assert kubectl.items("jobs") == [] and kubectl.items("configmaps", "finetune.ai/job=demo") == []
 
 
+def test_trainer_pod_settings_reach_the_running_pod(kubectl, operator):
+    """spec.trainerPod, through the operator's dry run and create, the Job controller and the
+    scheduler, on the pod that runs."""
+    kubectl.create(job_manifest(trainerPod={
+        "serviceAccountName": "default", "imagePullSecrets": ["regcred"],
+        "labels": {"team": "nlp"}, "annotations": {"sidecar.istio.io/inject": "false"},
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]}))
+    pod = running_pod(kubectl)
+    assert pod["spec"]["serviceAccountName"] == "default" and pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["metadata"]["labels"]["team"] == "nlp" and pod["metadata"]["labels"]["finetune.ai/job"] == "demo"
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "INFO" and env["HTTPS_PROXY"] == "http://proxy:3128" and env["HOME"] == "/tmp"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    # A name the operator sets is refused at apply time, not shadowed or ignored.
+    refused = kubectl("create", "-f", "-", input=json.dumps(job_manifest("shadow", trainerPod={
+        "env": [{"name": "MASTER_ADDR", "value": "evil"}]})), check=False)
+    assert refused.returncode != 0 and "is set by the operator" in refused.stderr, refused.stderr
+
+
 def test_model_name_taken_by_another_job(kubectl, operator):
     kubectl.create(job_manifest("first", output={"destination": "pvc://models/a", "modelName": "shared"}))
     finish_pod(kubectl, running_pod(kubectl, "first"), 0, json.dumps(RESULT))

@@ -68,3 +68,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create]
 {{- end -}}
+
+{{/* Values that render but cannot work together: refuse them at install, naming the fix
+(values.schema.json checks each value on its own). */}}
+{{- define "finetune-operator.validate" -}}
+{{- if and (eq .Values.provisioner "karpenter") (not .Values.karpenter.enabled) -}}
+{{- fail "provisioner is karpenter but karpenter.enabled is false: the operator would have no RBAC for NodePools; set karpenter.enabled=true or choose provisioner existing or none" -}}
+{{- end -}}
+{{- if and (eq .Values.provisioner "karpenter") (not .Values.karpenter.nodeClassRef) -}}
+{{- fail "provisioner is karpenter but karpenter.nodeClassRef is empty: jobs that name no node class would have none; set karpenter.nodeClassRef (group, kind, name)" -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- fail "podDisruptionBudget.enabled needs replicaCount of 2 or more: with one replica it would block every node drain" -}}
+{{- end -}}
+{{- end -}}
