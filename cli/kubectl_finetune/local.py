@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from finetune_operator.sources import UnsupportedSource
 from finetune_operator.trainer_config import render
 from finetune_trainer.protocol import (
     MODEL_MANIFEST_FILE,
+    OWNER_FILE,
     PROGRESS_EVENT,
     RESULT_FILE,
     USER_ERROR_PREFIX,
@@ -44,10 +46,23 @@ def load_job(path: str) -> FineTuneJob:
     raw.setdefault("metadata", {}).setdefault("namespace", "local")
     raw["metadata"].setdefault("uid", "local")
     try:
-        return FineTuneJob.model_validate(raw)
+        # By the API's own (camelCase) names only, as the API server reads it: a snake_case key
+        # such as learning_rate is an unknown field here too, not a setting.
+        return FineTuneJob.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise CliError(f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise CliError(f"{path}: {describe(exc)}") from None
+
+
+def describe(error: ValidationError, root: tuple[str, ...] = ()) -> str:
+    """Every problem of a validation error, each with the manifest's field path, in one line."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in (*root, *item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (the API's names are camelCase, as in `kubectl explain finetunejob.spec`)"
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def parse_volumes(pairs: list[str]) -> dict[str, str]:
@@ -67,8 +82,9 @@ def failure_reason(log_text: str, returncode: int) -> str:
 
 
 def _follow(proc: subprocess.Popen, progress_file: Path) -> None:
-    """Draw each new progress record until the trainer exits."""
-    seen = 0
+    """Draw each new progress record until the trainer exits. A record that leaves out the
+    total (the last one, after evaluation) keeps the one seen before, so the bar ends full."""
+    seen, total = 0, None
     while True:
         done = proc.poll() is not None
         if progress_file.exists():
@@ -77,7 +93,8 @@ def _follow(proc: subprocess.Popen, progress_file: Path) -> None:
                 try:
                     record = json.loads(line)
                     if record.get("event") == PROGRESS_EVENT:
-                        draw(progress_line(record))
+                        total = record.get("totalSteps") or total
+                        draw(progress_line({**record, "totalSteps": total}))
                 except (json.JSONDecodeError, TypeError, AttributeError):
                     pass
             seen = len(lines)
@@ -89,20 +106,35 @@ def _follow(proc: subprocess.Popen, progress_file: Path) -> None:
 def run_local(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     claim_dirs = parse_volumes(args.volume)
-    workdir = Path(tempfile.mkdtemp(prefix=f"finetune-{job.metadata.name}-"))
-    progress_file = workdir / "progress.jsonl"
-    try:
-        config = render(job, claim_dirs=claim_dirs,
-                        reporting={"progressFile": str(progress_file), "metricsPort": 0})
-    except (UnsupportedSource, ValidationError) as exc:
-        raise CliError(str(exc).splitlines()[0]) from None
-    output_dir = Path(config["output"]["dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # The work directory (config, progress, the trainer's log) goes when the run ends, whatever
+    # the outcome; so does an output directory this run created and left empty.
+    with tempfile.TemporaryDirectory(prefix=f"finetune-{job.metadata.name}-") as work:
+        workdir = Path(work)
+        progress_file = workdir / "progress.jsonl"
+        try:
+            config = render(job, claim_dirs=claim_dirs,
+                            reporting={"progressFile": str(progress_file), "metricsPort": 0})
+        except UnsupportedSource as exc:
+            raise CliError(f"spec.{exc}") from None
+        except ValidationError as exc:
+            raise CliError(describe(exc, ("spec",))) from None
+        output_dir = Path(config["output"]["dir"])
+        created = not output_dir.exists()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return _train(job, config, workdir, progress_file, output_dir)
+        except BaseException:
+            # Nothing but the owner record the trainer writes first: nothing to keep.
+            if created and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {OWNER_FILE}:
+                shutil.rmtree(output_dir)
+            raise
+
+
+def _train(job: FineTuneJob, config: dict, workdir: Path, progress_file: Path, output_dir: Path) -> int:
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     log_file = workdir / "trainer.log"
-    print(f"training {job.metadata.name}: {job.spec.method.type} on {job.spec.base_model.source} "
-          f"(log: {log_file})", flush=True)
+    print(f"training {job.metadata.name}: {job.spec.method.type} on {job.spec.base_model.source}", flush=True)
 
     with open(log_file, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", trainer_cli.__name__, "--config", str(config_file)],
@@ -111,6 +143,9 @@ def run_local(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         print()
     if proc.returncode != 0:
+        # The log goes with the work directory: its end, where the cause is, first.
+        tail = log_file.read_text().splitlines()[-20:]
+        sys.stderr.write("".join(f"  | {line}\n" for line in tail))
         raise CliError(f"trainer failed (exit {proc.returncode}): "
                        f"{failure_reason(log_file.read_text(), proc.returncode)}")
 

@@ -173,7 +173,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{naming.COMPLETION_INDEX}']"}}},
         # Where the trainer binds its metrics endpoint (the config's metricsHost names it).
         {"name": trainer_config.POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]

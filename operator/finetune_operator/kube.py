@@ -74,6 +74,14 @@ async def client() -> kr8s.asyncio.Api:
     return _client
 
 
+async def connect(kubeconfig: str | None = None, context: str | None = None) -> kr8s.asyncio.Api:
+    """The process's client, from this kubeconfig file and context (the CLI's --kubeconfig and
+    --context); the defaults are kubectl's (KUBECONFIG, ~/.kube/config, its current context)."""
+    global _client
+    _client = await kr8s.asyncio.api(kubeconfig=kubeconfig, context=context)
+    return _client
+
+
 async def _call(method: str, kind: str, namespace: str | None, path: str = "", **kwargs) -> dict | None:
     version, plural = RESOURCES[kind]
     api = await client()

@@ -9,6 +9,8 @@ from .api import DNS_LABEL, FineTuneJob
 MANAGED_BY = "finetune-operator"
 JOB_LABEL = "finetune.ai/job"  # value: the FineTuneJob's name; selects every child
 COMPONENT_LABEL = "app.kubernetes.io/component"
+# The Job controller's annotation on each pod of an Indexed Job: the pod's node rank.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 TRAINER_CONTAINER = "trainer"  # the container in every trainer pod
 
 

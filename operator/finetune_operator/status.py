@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_trainer.result import InvalidResult, TrainerResult, World, parse_result
 
-from . import failures
+from . import failures, naming
 from .api import Condition, FineTuneJob, Phase
 from .kubetime import format_time, parse_time
 from .provisioning import node_pool_name
@@ -64,7 +64,7 @@ def must_stop_trainer(phase: str, job: dict | None, owner_uid: str) -> bool:
 
 def _by_index(pods: list[dict]) -> list[dict]:
     def index(pod: dict) -> int:
-        value = pod.get("metadata", {}).get("annotations", {}).get("batch.kubernetes.io/job-completion-index", "0")
+        value = pod.get("metadata", {}).get("annotations", {}).get(naming.COMPLETION_INDEX, "0")
         return int(value) if value.isdigit() else 0
 
     return sorted(pods, key=lambda p: (index(p), p.get("metadata", {}).get("creationTimestamp", "")))

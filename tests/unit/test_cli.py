@@ -5,8 +5,8 @@ status does, and types none of those facts itself."""
 
 from __future__ import annotations
 
-import argparse
 import ast
+import json
 import asyncio
 import logging
 import math
@@ -26,6 +26,7 @@ from finetune_trainer.config import ReportingConfig
 from finetune_trainer.protocol import EXIT_USER_ERROR, format_duration
 from finetune_trainer.reporting import Reporter
 from kubectl_finetune import cluster, local
+from kubectl_finetune.main import CLUSTER_COMMANDS, build_parser
 from kubectl_finetune.progress import eta_text, progress_from_log, progress_line
 
 CLI_DIR = Path(local.__file__).parent
@@ -143,7 +144,7 @@ def test_logs_come_from_the_pods_and_container_the_operator_creates(monkeypatch,
     monkeypatch.setattr(kube, "list_", list_)
     monkeypatch.setattr(kube, "get", get)
     monkeypatch.setattr(kube, "client", client)
-    code = asyncio.run(cluster.cmd_logs(argparse.Namespace(name="demo", namespace="team-a", tail=7)))
+    code = asyncio.run(cluster.cmd_logs(build_parser().parse_args(["logs", "demo", "-n", "team-a", "--tail", "7"])))
     assert code == 0 and capsys.readouterr().out == "the log\n"
     assert calls["list"] == ("Pod", "team-a", {naming.JOB_LABEL: "demo"})
     method, version, namespace, url, params = calls["log"]
@@ -218,3 +219,90 @@ def test_a_local_run_rejects_what_the_api_server_rejects(tmp_path):
     }))
     with pytest.raises(CliError, match=r"^.*job.yaml: spec: method.type qlora needs a GPU"):
         local.load_job(str(manifest))
+
+
+def test_every_flag_of_every_command_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"run", *CLUSTER_COMMANDS}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, (name, action.dest)
+    args = parser.parse_args(["list", "-A", "--kubeconfig", "k", "--context", "c"])
+    assert (args.all_namespaces, args.kubeconfig, args.context) == (True, "k", "c")
+
+
+def _pod(index: int, created: str) -> dict:
+    return {"metadata": {"name": f"p{index}-{created}", "creationTimestamp": created,
+                         "annotations": {naming.COMPLETION_INDEX: str(index)}}}
+
+
+def test_logs_pick_the_newest_pod_of_a_node_index_or_the_attempt_before():
+    pods = [_pod(0, "1"), _pod(1, "1"), _pod(0, "2"), _pod(1, "2"), _pod(0, "3")]  # oldest first
+    assert cluster.pick_pod(pods, 0, previous=False)["metadata"]["name"] == "p0-3"
+    assert cluster.pick_pod(pods, 0, previous=True)["metadata"]["name"] == "p0-2"
+    assert cluster.pick_pod(pods, 1, previous=False)["metadata"]["name"] == "p1-2"
+    assert cluster.pick_pod([_pod(0, "1")], 0, previous=True) is None
+    assert cluster.pick_pod(pods, 2, previous=False) is None
+
+
+def test_no_kubeconfig_gets_a_hint_not_a_traceback(tmp_path):
+    assert "pass --kubeconfig" in cluster.no_kubeconfig_hint(None, {}, tmp_path)
+    assert cluster.no_kubeconfig_hint("k", {}, tmp_path) is None
+    assert cluster.no_kubeconfig_hint(None, {"KUBECONFIG": "k"}, tmp_path) is None
+    (tmp_path / ".kube").mkdir()
+    (tmp_path / ".kube" / "config").write_text("{}")
+    assert cluster.no_kubeconfig_hint(None, {}, tmp_path) is None
+
+
+def _manifest(tmp_path, **spec) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "finetune.ai/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "q"},
+        "spec": {"baseModel": {"source": "preset://tiny-llama"}, "dataset": {"source": "pvc://data/x.jsonl"},
+                 "output": {"destination": "pvc://models/q"}, **spec}}))
+    return str(path)
+
+
+def test_a_local_run_reads_the_apis_names_only_and_says_every_problem(tmp_path):
+    from kubectl_finetune import CliError
+
+    # snake_case is what the API server would refuse as an unknown field: refused here too, not trained with.
+    with pytest.raises(CliError, match=r"spec\.training\.learning_rate: unknown field .*camelCase"):
+        local.load_job(_manifest(tmp_path, training={"learning_rate": 0.1}))
+    with pytest.raises(CliError) as caught:
+        local.load_job(_manifest(tmp_path, training={"epochs": 0, "warmupRatio": 2}))
+    assert "spec.training.epochs:" in str(caught.value) and "spec.training.warmupRatio:" in str(caught.value)
+
+
+def test_the_local_bar_ends_full_when_the_last_record_has_no_total(tmp_path, capsys):
+    progress_file = tmp_path / "progress.jsonl"
+    records = [{"event": protocol.PROGRESS_EVENT, "step": 60, "totalSteps": 60},
+               {"event": protocol.PROGRESS_EVENT, "step": 60, "evalLoss": 1.0}]
+    progress_file.write_text("\n".join(map(json.dumps, records)) + "\n")
+
+    class Exited:
+        def poll(self):
+            return 0
+
+    local._follow(Exited(), progress_file)
+    lines = capsys.readouterr().out.splitlines()
+    assert all("100%" in line and "step 60/60" in line for line in lines), lines
+
+
+def test_a_failed_local_run_leaves_no_work_directory_or_empty_output(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from kubectl_finetune import CliError
+
+    data, models, scratch = (tmp_path / d for d in ("data", "models", "tmp"))
+    for d in (data, models, scratch):
+        d.mkdir()
+    (data / "x.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    args = build_parser().parse_args(["run", "--local", _manifest(tmp_path, resources={"accelerator": "none"}),
+                                      "--volume", f"data={data}", "--volume", f"models={models}"])
+    with pytest.raises(CliError, match="trainer failed"):
+        local.run_local(args)
+    assert list(scratch.iterdir()) == [] and list(models.iterdir()) == []
+    assert "x.jsonl:2" in capsys.readouterr().err
