@@ -1,5 +1,6 @@
 import hashlib
 import json
+import pytest
 
 import torch  # noqa: F401  (a broken install fails, never skips)
 import yaml
@@ -172,3 +173,41 @@ def test_save_weights_writes_an_adapter_or_a_whole_model_with_the_tokenizer(tmp_
     assert sorted(p.name for p in staging.iterdir()) == [
         "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
+
+
+def test_published_weights_are_readable_by_a_server_with_another_uid(tmp_path):
+    """safetensors writes 0600; a serving pod of another UID must read every published file."""
+    import stat
+
+    staging, output = tmp_path / "staging", tmp_path / "out"
+    (staging / "sub").mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "sub/tokenizer.json"):
+        (staging / name).write_text("w")
+        (staging / name).chmod(0o600)
+    (staging / "sub").chmod(0o700)
+    output.mkdir()
+    publish_staged(staging, output)
+    for name in ("adapter_model.safetensors", "sub/tokenizer.json"):
+        assert stat.S_IMODE((output / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((output / "sub").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("source,revision,name", [
+    ("hf://meta-llama/Llama-3.1-8B-Instruct", "0e9e39f", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("preset://tiny-llama", None, None),
+    ("/mnt/pvc/models/base", None, None),
+])
+def test_the_adapter_names_its_base_model_as_a_server_would_load_it(tmp_path, source, revision, name):
+    from peft import LoraConfig, PeftConfig, get_peft_model
+
+    from finetune_trainer.config import BaseModelConfig
+    from finetune_trainer.presets import build_preset
+
+    model, tokenizer = build_preset("tiny-llama", torch.float32, torch.device("cpu"))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    staging = tmp_path / "staging"
+    save_weights(peft_model, tokenizer, False, staging, is_main=True,
+                 base_model=BaseModelConfig(source=source, revision=revision))
+    # PEFT itself reads it back (the loader vLLM and KServe use for adapters).
+    loaded = PeftConfig.from_pretrained(str(staging))
+    assert loaded.base_model_name_or_path == name and loaded.revision == revision

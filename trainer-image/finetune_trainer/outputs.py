@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from finetune_trainer.config import JobConfig
+from finetune_trainer.config import BaseModelConfig, JobConfig
 from finetune_trainer.data import sha256_of_file
 from finetune_trainer.model_manifest import render_model
 from finetune_trainer.protocol import MODEL_MANIFEST_FILE, RESULT_FILE, TERMINATION_MESSAGE_LIMIT
 from finetune_trainer.result import ResultMetrics, TrainerResult, World, termination_message
 from finetune_trainer.run_plan import RunPlan
+
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name for it
 
 
 
@@ -46,7 +48,8 @@ def gather_trainable_state_dict(model: torch.nn.Module, full: bool, is_main: boo
     return state
 
 
-def save_weights(model: torch.nn.Module, tokenizer, full: bool, staging: Path, is_main: bool) -> None:
+def save_weights(model: torch.nn.Module, tokenizer, full: bool, staging: Path, is_main: bool,
+                 base_model: BaseModelConfig | None = None) -> None:
     state = gather_trainable_state_dict(model, full, is_main)
     if not is_main:
         return
@@ -60,7 +63,32 @@ def save_weights(model: torch.nn.Module, tokenizer, full: bool, staging: Path, i
         # Embeddings are never trained here (all-linear leaves them out), so PEFT need not
         # look up the base model's config to decide whether to save them.
         model.save_pretrained(staging, state_dict=state, safe_serialization=True, save_embedding_layers=False)
+        if base_model is not None:
+            name_the_base_model(staging / ADAPTER_CONFIG, base_model)
     tokenizer.save_pretrained(staging)
+
+
+def name_the_base_model(adapter_config: Path, base_model: BaseModelConfig) -> None:
+    """PEFT records where this process loaded the base model from: a hub cache or volume path
+    inside the pod, which no server can resolve. An hf:// base is recorded as its hub id and
+    revision, so PEFT, vLLM or KServe find it anywhere; a preset or a directory has no name
+    that travels, so none is recorded. The source as the job wrote it stays in model.yaml and
+    the Model (baseModel)."""
+    config = json.loads(adapter_config.read_text())
+    if base_model.source.startswith("hf://"):
+        config["base_model_name_or_path"] = base_model.source.removeprefix("hf://")
+        config["revision"] = base_model.revision
+    else:
+        config["base_model_name_or_path"] = None
+        config["revision"] = None
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# Published files are world-readable (directories traversable): a serving pod with another UID
+# reads them from the shared volume. safetensors writes its files 0600; the tokenizer's are
+# 0644 by the umask. Who reaches the volume at all is the claim's and the directory's business.
+PUBLISHED_FILE_MODE = 0o644
+PUBLISHED_DIR_MODE = 0o755
 
 
 def publish_staged(staging: Path, output_dir: Path) -> list[str]:
@@ -71,8 +99,12 @@ def publish_staged(staging: Path, output_dir: Path) -> list[str]:
             relative = path.relative_to(staging)
             target = output_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, PUBLISHED_FILE_MODE)
             os.replace(path, target)
             names.append(str(relative))
+            for parent in target.relative_to(output_dir).parents:
+                if parent != Path("."):
+                    os.chmod(output_dir / parent, PUBLISHED_DIR_MODE)
     shutil.rmtree(staging, ignore_errors=True)
     return names
 

@@ -231,7 +231,8 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
             reporter.evaluated(step, eval_loss)
         engine.empty_partition_cache()  # see _evaluate
         staging = output_dir / f".staging-{time.time_ns()}"
-        outputs.save_weights(engine.module, tokenizer, not config.method.uses_adapter, staging, dist.is_main)
+        outputs.save_weights(engine.module, tokenizer, not config.method.uses_adapter, staging, dist.is_main,
+                             config.base_model)
         if dist.is_main:
             names = outputs.publish_staged(staging, output_dir)
             recent = state["recentLosses"]
