@@ -62,6 +62,8 @@ INVALID = [
     ("dataset-https-not-yet", "spec.dataset.source", "https://example.com/train.jsonl", "spec.dataset.source"),
     ("model-oci-not-yet", "spec.baseModel.source", "oci://registry/repo:tag", "must be a hf:// or pvc:// or preset:// URI"),
     ("output-s3-not-yet", "spec.output.destination", "s3://bucket/out", "must be a pvc:// URI"),
+    ("global-batch-word", "spec.training", {"globalBatchSize": "big"}, "must be an integer from 1 to 1048576, or auto"),
+    ("global-batch-zero", "spec.training", {"globalBatchSize": 0}, "must be an integer from 1 to 1048576, or auto"),
     # Trainer pod settings cannot change what the operator sets or selects on.
     ("pod-env-reserved", "spec.trainerPod", {"env": [{"name": "CUDA_VISIBLE_DEVICES", "value": "0,1"}]}, "is set by the operator"),
     ("pod-env-prefix", "spec.trainerPod", {"env": [{"name": "FINETUNE_X", "value": "1"}]}, "is set by the operator"),
@@ -175,6 +177,8 @@ INVALID = [
 
 # Specs both validators accept: the rules above refuse only what they must.
 ACCEPTED = [
+    ("global-batch-auto", "spec.training", {"globalBatchSize": "auto", "microBatchSize": 3}),
+    ("global-batch-number", "spec.training", {"globalBatchSize": 12, "microBatchSize": 3}),
     ("pod-settings", "spec.trainerPod", {
         "serviceAccountName": "trainer", "priorityClassName": "gpu-high", "imagePullSecrets": ["regcred"],
         "labels": {"team": "a", "sidecar.istio.io/inject": "false"}, "annotations": {"example.com/note": "a b: c"},

@@ -443,11 +443,13 @@ SPEC_RULES = (
         lambda s: s.resources.accelerator == "none" or s.resources.accelerators_per_node >= 1,
     ),
     Rule(
-        f"self.training.globalBatchSize % (self.training.microBatchSize * self.distributed.nodes * {_PROCESSES}) == 0",
+        "type(self.training.globalBatchSize) == string || "
+        f"int(self.training.globalBatchSize) % (self.training.microBatchSize * self.distributed.nodes * {_PROCESSES}) == 0",
         "training.globalBatchSize must be a multiple of training.microBatchSize x distributed.nodes x "
         "processes per node (resources.acceleratorsPerNode, or 1 on CPU)",
         ".training.globalBatchSize",
-        lambda s: s.training.global_batch_size % (s.training.micro_batch_size * s.distributed.nodes * s.processes_per_node) == 0,
+        lambda s: s.training.global_batch_size == "auto"
+        or s.training.global_batch_size % (s.training.micro_batch_size * s.distributed.nodes * s.processes_per_node) == 0,
     ),
     Rule(
         "!has(self.nodePool.nodeClassRef) || !has(self.nodePool.provisioner) || self.nodePool.provisioner == 'karpenter'",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from finetune_trainer.config import Rule
+from finetune_trainer.config import Rule, int_or_keyword_message
 from pydantic import BaseModel
 
 from . import api
@@ -31,6 +31,7 @@ _KEPT = {
     "type", "description", "default", "enum", "pattern", "format", "minimum", "maximum",
     "minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
     "required", "nullable", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
 }
 
 
@@ -53,8 +54,27 @@ def _one_paragraph_per_line(text: str) -> str:
     return "\n\n".join(p for p in paragraphs if p)
 
 
+def _int_or_keyword(variants: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """`int (with bounds) | Literal["auto"]` as Kubernetes spells it: int-or-string, with a CEL
+    rule for the bounds and the keyword (a structural schema has no unions)."""
+    ints = [v for v in variants if v.get("type") == "integer"]
+    words = [v for v in variants if v.get("type") == "string" and ("const" in v or "enum" in v)]
+    if len(ints) != 1 or len(words) != 1 or len(variants) != 2:
+        return None
+    number, word = ints[0], words[0]
+    keywords = [word["const"]] if "const" in word else word["enum"]
+    low, high = number.get("minimum"), number.get("maximum")
+    bounds = " && ".join(filter(None, (low is not None and f"int(self) >= {low}", high is not None and f"int(self) <= {high}")))
+    return {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [{
+        "rule": f"type(self) == string ? self in {keywords!r} : {bounds or 'true'}".replace('"', "'"),
+        "message": int_or_keyword_message(low, high, keywords),
+    }]}
+
+
 def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     node = _resolve(node, defs)
+    if "anyOf" in node and (special := _int_or_keyword([_resolve(v, defs) for v in node["anyOf"]])):
+        node = {**{k: v for k, v in node.items() if k != "anyOf"}, **special}
     if "anyOf" in node:
         variants = [v for v in node["anyOf"] if v.get("type") != "null"]
         if len(variants) != 1:

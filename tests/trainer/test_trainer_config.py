@@ -148,3 +148,21 @@ def test_deepspeed_config_leaves_bf16_overflow_to_the_trainer_and_fuses_adam_on_
     assert gpu["optimizer"]["params"].get("fused") is (True if offload == "none" else None)
     assert "fused" not in cpu["optimizer"]["params"]
     assert gpu["gradient_accumulation_steps"] == 8
+
+
+@pytest.mark.parametrize("rows,micro,world,chosen", [
+    (7, 2, 1, 2),        # too few rows for 16 steps: one micro-batch per process
+    (19, 4, 1, 4),
+    (1000, 4, 1, 32),    # at most 32 rows a step
+    (300, 4, 1, 16),     # 300 // 16 = 18 -> 16, a multiple of the micro-batch: 18 steps an epoch
+    (300, 4, 8, 32),     # 8 processes: one micro-batch each is 32
+    (100, 4, 16, 64),    # 16 processes: never less than one micro-batch each (64 > 32)
+])
+def test_auto_global_batch_aims_at_sixteen_steps_an_epoch_within_one_micro_batch_and_32(rows, micro, world, chosen):
+    from finetune_trainer.batching import StepPlan, auto_global_batch
+
+    assert auto_global_batch(rows, micro, world) == chosen
+    plan = StepPlan(num_rows=rows, micro_batch_size=micro, global_batch_size=chosen, world_size=world, epochs=1,
+                    max_steps=None, seed=0)
+    if rows >= micro * world:
+        plan.validate()  # a whole number of micro-batches per process, at least one step

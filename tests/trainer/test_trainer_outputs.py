@@ -51,7 +51,7 @@ def digest(path):
 
 def run_plan():
     return RunPlan(device="cpu", world_size=2, precision="fp32", attention="sdpa", compile=False, fused_loss=False,
-                   checkpointed_layers=0, layers=2, zero_stage=2, offload="none", micro_batch_size=1,
+                   checkpointed_layers=0, layers=2, zero_stage=2, offload="none", micro_batch_size=1, global_batch_size=8,
                    accumulation_steps=4, total_steps=5, deepspeed={"zero_optimization": {"stage": 2}})
 
 

@@ -259,3 +259,16 @@ def test_eval_loss_is_the_saved_models_loss_on_the_held_out_examples(tmp_path, c
     reported = result["metrics"]["evalLoss"]
     assert loss_per_target_token(held_out) == pytest.approx(reported, rel=1e-3)
     assert loss_per_target_token(trained_on) != pytest.approx(reported, rel=1e-2)
+
+
+def test_an_auto_batch_trains_a_dataset_the_old_default_refused(tmp_path):
+    """globalBatchSize auto (the default): 7 packed rows, which the old fixed default (32)
+    refused, train with one micro-batch per step; the choice is in the run plan."""
+    dataset = write_jsonl(tmp_path / "d.jsonl", arithmetic_chat(8))
+    config = make_config(tmp_path, dataset, **{"training.globalBatchSize": "auto", "training.epochs": 1})
+    assert_ok(run_trainer(write_config(tmp_path, config)))
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    plan = result["runPlan"]
+    assert (plan["globalBatchSize"], plan["accumulationSteps"]) == (2, 1)  # microBatchSize 2, one process
+    assert result["metrics"]["steps"] == 7 // 2
+    assert plan["deepspeed"]["train_batch_size"] == 2

@@ -28,7 +28,7 @@ def test_config_map_carries_the_rendered_trainer_config():
     assert config["reporting"]["terminationMessagePath"] == "/dev/termination-log"
     assert config["publish"]["sourceJob"] == {"name": "demo", "uid": "uid-1"}
     assert config["publish"]["uri"] == "pvc://models/demo"  # the user's URI, not the pod's path
-    assert config["training"]["globalBatchSize"] == 32
+    assert config["training"]["globalBatchSize"] == "auto"  # the trainer chooses it from the rows
 
 
 def test_speed_settings_left_unset_reach_the_trainer_unset_and_explicit_ones_verbatim():

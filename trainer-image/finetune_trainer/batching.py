@@ -13,10 +13,21 @@ from dataclasses import dataclass
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+from finetune_trainer.config import AUTO_GLOBAL_BATCH_MAX, AUTO_STEPS_PER_EPOCH
 from finetune_trainer.data import IGNORE_INDEX, Sequence
 from finetune_trainer.errors import ConfigError, DataError
 
 Row = list[Sequence]
+
+
+def auto_global_batch(num_rows: int, micro_batch_size: int, world_size: int) -> int:
+    """globalBatchSize "auto": a whole number of micro-batches per process, at most
+    AUTO_GLOBAL_BATCH_MAX rows, aiming at AUTO_STEPS_PER_EPOCH steps per epoch, and never less
+    than one micro-batch per process (so a dataset that fills one step always trains; fewer
+    rows than that is StepPlan.validate's error)."""
+    per_step = micro_batch_size * world_size
+    target = min(AUTO_GLOBAL_BATCH_MAX, num_rows // AUTO_STEPS_PER_EPOCH)
+    return max(per_step, target // per_step * per_step)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,17 @@ def immutable(what: str) -> dict[str, Any]:
 # --- the training sections: shared by the config file and the FineTuneJob ---------------------
 
 
+def int_or_keyword_message(low: int, high: int, keywords: list[str]) -> str:
+    """The error for an int-or-keyword value, as the parser and the CRD's CEL rule say it."""
+    return f"must be an integer from {low} to {high}, or {' or '.join(keywords)}"
+
+
+# The largest explicit global batch, and what auto aims at (finetune_trainer.batching.auto_global_batch).
+MAX_GLOBAL_BATCH = 1_048_576
+AUTO_GLOBAL_BATCH_MAX = 32
+AUTO_STEPS_PER_EPOCH = 16
+
+
 class BaseModelOptions(ContractModel):
     revision: str | None = Field(
         default=None, max_length=256, description="Hub revision (branch, tag or commit) for hf:// sources."
@@ -171,13 +182,21 @@ class TrainingConfig(ContractModel):
         default=1.0, ge=0.0, le=1_000_000, description="Clip the global gradient norm to this value; 0 disables clipping."
     )
     micro_batch_size: int = Field(default=4, ge=1, le=4096, description="Sequences per process per forward pass.")
-    global_batch_size: int = Field(
-        default=32,
-        ge=1,
-        le=1_048_576,
-        description="Sequences per optimizer step across all processes; must be a multiple of microBatchSize "
-        "times the number of processes (nodes x acceleratorsPerNode).",
+    global_batch_size: Annotated[int, Field(ge=1, le=MAX_GLOBAL_BATCH)] | Literal["auto"] = Field(
+        default="auto",
+        description="Sequences per optimizer step across all processes: a multiple of microBatchSize times the number "
+        f"of processes (nodes x acceleratorsPerNode), or auto: chosen from the packed training rows, at most "
+        f"{AUTO_GLOBAL_BATCH_MAX} and at least one micro-batch per process, aiming at {AUTO_STEPS_PER_EPOCH} steps "
+        "per epoch (the choice is in the Model's spec.runPlan.globalBatchSize).",
     )
+    @field_validator("global_batch_size", mode="wrap")
+    @classmethod
+    def _int_or_auto(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(int_or_keyword_message(1, MAX_GLOBAL_BATCH, ["auto"])) from None
+
     max_seq_length: int = Field(default=2048, ge=16, le=1_048_576, description="Longest sequence in tokens.")
     packing: bool = Field(default=True, description="Pack several records into each sequence (padding-free).")
     gradient_checkpointing: bool | None = Field(

@@ -40,7 +40,7 @@ def deepspeed_config(config: JobConfig, plan: StepPlan, device: torch.device) ->
     ds_config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": plan.accumulation_steps,
-        "train_batch_size": training.global_batch_size,
+        "train_batch_size": plan.global_batch_size,  # the resolved one, when the spec says auto
         "zero_optimization": zero,
         # DeepSpeed's bf16 overflow check tests every gradient tensor for inf/NaN, one by one
         # (about a dozen kernel launches per tensor: 5,400 a step for an 8B LoRA's 448), then

@@ -85,6 +85,7 @@ def plan_run(config: JobConfig, dist: Distributed, steps: StepPlan, built: Model
         zero_stage=config.distributed.zero_stage,
         offload=config.distributed.offload,
         micro_batch_size=config.training.micro_batch_size,
+        global_batch_size=steps.global_batch_size,
         accumulation_steps=steps.accumulation_steps,
         total_steps=steps.total_steps,
         deepspeed=merged(engines.deepspeed_config(config, steps, dist.device), overrides.deepspeed or {}),

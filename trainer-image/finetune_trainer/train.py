@@ -112,10 +112,13 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         train_sequences, validation_sequences = data.split(sequences, config.dataset.validation_split, training.seed)
         train_rows = data.pack_rows(train_sequences, training.max_seq_length, training.packing, training.seed)
         validation_rows = data.pack_rows(validation_sequences, training.max_seq_length, training.packing, training.seed)
+        global_batch = training.global_batch_size
+        if global_batch == "auto":
+            global_batch = batching.auto_global_batch(len(train_rows), training.micro_batch_size, dist.world_size)
         steps = batching.StepPlan(
             num_rows=len(train_rows),
             micro_batch_size=training.micro_batch_size,
-            global_batch_size=training.global_batch_size,
+            global_batch_size=global_batch,
             world_size=dist.world_size,
             epochs=training.epochs,
             max_steps=training.max_steps,
@@ -125,7 +128,7 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         log.info(
             "%d train rows (%d sequences), %d validation rows; %d steps of %d rows (%d micro-batches x %d processes x %d accumulation)",
             len(train_rows), len(train_sequences), len(validation_rows), steps.total_steps,
-            training.global_batch_size, training.micro_batch_size, dist.world_size, steps.accumulation_steps,
+            steps.global_batch_size, training.micro_batch_size, dist.world_size, steps.accumulation_steps,
         )
 
         # 4. The run plan and the model it describes. The job seed fixes adapter init and dropout.
