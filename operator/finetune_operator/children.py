@@ -19,7 +19,8 @@ RENDEZVOUS_PORT = 29500
 def build_config_map(job: FineTuneJob, settings: OperatorSettings, checkpoint_key_sha256: str | None = None) -> dict:
     """`checkpoint_key_sha256`: the digest of the key in the job's checkpoint-key Secret
     (checkpoint_key.py); the trainer refuses a key file with another digest."""
-    config = trainer_config.render(job, progress_url=settings.progress_url, checkpoint_key_sha256=checkpoint_key_sha256)
+    config = trainer_config.render(job, progress_url=settings.progress_url, checkpoint_key_sha256=checkpoint_key_sha256,
+                                   model_cache=bool(settings.model_cache_claim))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -102,14 +103,26 @@ def trainer_command(job: FineTuneJob) -> list[str]:
     return command + ["-m", trainer_cli.__name__, "--config", config]
 
 
-def _resources(job: FineTuneJob) -> dict:
+def _resources(job: FineTuneJob, scratch: str | None = None) -> dict:
     res = job.spec.resources
     requests = {"cpu": res.cpu, "memory": res.memory}
     limits = {"memory": res.memory}
     if res.accelerator != "none":
         requests[res.accelerator] = str(res.accelerators_per_node)
         limits[res.accelerator] = str(res.accelerators_per_node)
+    if scratch:
+        requests["ephemeral-storage"] = scratch
     return {"requests": requests, "limits": limits}
+
+
+def _hub_download_space(job: FineTuneJob, settings: OperatorSettings) -> tuple[dict | None, str | None]:
+    """Where an hf:// base model goes: the shared cache claim (mount, none), or the pod's own
+    scratch directory with the configured size (none, the ephemeral-storage request)."""
+    if not trainer_config.uses_hub(job):
+        return None, None
+    if settings.model_cache_claim:
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": settings.model_cache_claim}}, None
+    return None, settings.hub_scratch_size
 
 
 def trainer_pod_settings(job: FineTuneJob, settings: OperatorSettings) -> TrainerPodSpec:
@@ -144,6 +157,14 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         {"name": "tmp", "mountPath": "/tmp"},
         *[m.volume_mount() for m in mounts],
     ]
+    cache_volume, scratch = _hub_download_space(job, settings)
+    if cache_volume:
+        # Read-write: the first job of a repository and revision downloads it for the others
+        # (huggingface_hub locks each file in the cache while it writes it).
+        volumes.append(cache_volume)
+        volume_mounts.append({"name": cache_volume["name"], "mountPath": trainer_config.MODEL_CACHE_DIR})
+    elif scratch:
+        next(v for v in volumes if v["name"] == "tmp")["emptyDir"] = {"sizeLimit": scratch}
     if trainer_config.uses_base_model_token(job):
         # Only the `token` key, and only for a source that needs one (hf://): the trainer never
         # sees the rest of the Secret, and a Secret named for a pvc:// or preset:// source is not
@@ -190,7 +211,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict:
         "command": trainer_command(job),
         "env": env,
         "ports": [{"name": "metrics", "containerPort": trainer_config.METRICS_PORT}],
-        "resources": _resources(job),
+        "resources": _resources(job, scratch),
         "volumeMounts": volume_mounts,
         "terminationMessagePath": trainer_config.TERMINATION_LOG,
         "terminationMessagePolicy": "File",

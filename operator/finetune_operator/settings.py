@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .api import TrainerPodSpec
+from .api import Quantity, TrainerPodSpec
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -50,6 +50,8 @@ CHART_VALUES = {
     "gpu_pool_requirements": "karpenter.gpuPoolRequirements",
     "trainer_pod": "trainer.pod",
     "trainer_run_as_user": "trainer.runAsUser",
+    "model_cache_claim": "modelCache.claim",
+    "hub_scratch_size": "modelCache.scratchSize",
 }
 
 
@@ -73,6 +75,16 @@ class OperatorSettings(BaseSettings):
     trainer_run_as_user: int | None = Field(
         default=1000, ge=1, description="UID (and GID, fsGroup) of the trainer pods; empty leaves them to the "
         "cluster (OpenShift's assigned UID ranges). The image runs as any non-root UID.",
+    )
+    model_cache_claim: str = Field(
+        default="", max_length=253, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$",
+        description="A PersistentVolumeClaim in each job's namespace that hf:// base models are downloaded into and "
+        "read from, shared by that namespace's jobs (the hub's cache layout: one copy per repository and revision; "
+        "ReadWriteMany for jobs on several nodes). Empty: each pod downloads into its own scratch space.",
+    )
+    hub_scratch_size: Quantity | None = Field(
+        default=None, description="Without a model cache claim: the ephemeral storage a pod downloading an hf:// "
+        "model requests, and the size limit of the scratch directory it downloads into (e.g. 40Gi for an 8B model).",
     )
     default_provisioner: Literal["karpenter", "existing", "none"] = "none"
     namespaces: str = Field(default="", description="Comma-separated namespaces to watch; empty watches all.")
@@ -136,7 +148,7 @@ class OperatorSettings(BaseSettings):
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
 
-    @field_validator("trainer_run_as_user", mode="before")
+    @field_validator("trainer_run_as_user", "hub_scratch_size", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

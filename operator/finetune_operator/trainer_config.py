@@ -36,6 +36,8 @@ TOKEN_KEY = "token"  # the one key of a credentials Secret the trainer gets
 # dataset's and the output's sources (pvc://, configmap://) read none yet.
 CREDENTIAL_SCHEMES = ("hf",)
 PROGRESS_TOKEN_DIR = "/var/run/secrets/finetune/progress"
+# Where the model cache claim is mounted (settings.model_cache_claim): the hub cache of hf:// models.
+MODEL_CACHE_DIR = "/mnt/model-cache"
 TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT = 9090
 # The pod's own IP, from the downward API (children.build_job): the trainer binds its metrics
@@ -69,8 +71,12 @@ def in_cluster_reporting(job: FineTuneJob, progress_url: str = "") -> dict[str, 
     return reporting
 
 
+def uses_hub(job: FineTuneJob) -> bool:
+    return job.spec.base_model.source.startswith("hf://")
+
+
 def render(job: FineTuneJob, *, claim_dirs: dict[str, str] | None = None, reporting: dict[str, Any] | None = None,
-           progress_url: str = "", checkpoint_key_sha256: str | None = None) -> dict[str, Any]:
+           progress_url: str = "", checkpoint_key_sha256: str | None = None, model_cache: bool = False) -> dict[str, Any]:
     """The trainer config as a plain dict (camelCase), validated by the trainer's schema.
 
     In a pod (the default) URIs resolve to the pod's mount paths; a local run passes
@@ -89,6 +95,7 @@ def render(job: FineTuneJob, *, claim_dirs: dict[str, str] | None = None, report
             source=resolved["baseModel"].value,
             revision=spec.base_model.revision,
             token_file=f"{TOKEN_DIR}/{TOKEN_KEY}" if uses_base_model_token(job) else None,
+            cache_dir=MODEL_CACHE_DIR if model_cache and uses_hub(job) else None,
             volume_root=resolved["baseModel"].root,
         ),
         dataset=DatasetConfig(path=resolved["dataset"].value, volume_root=resolved["dataset"].root,

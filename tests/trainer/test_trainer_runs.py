@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+from hub_layout import save_as_hub_cache
 
 from finetune_trainer.protocol import OWNER_FILE
 from trainer_helpers import (
@@ -161,24 +162,10 @@ def test_prompt_completion_data_with_skipped_lines_no_packing(tmp_path):
     assert result["metrics"]["steps"] == 4
 
 
-def _save_as_hub_cache(cache, repo_id, commit):
-    """Lay a preset out exactly like huggingface_hub's cache: models--org--name/{refs,snapshots}."""
-    from finetune_trainer import presets
-
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    model, tokenizer = presets.build_preset("tiny-llama", torch.float32, torch.device("cpu"))
-    model.save_pretrained(snapshot)
-    tokenizer.save_pretrained(snapshot)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(commit)
-    return snapshot
-
-
 def test_hub_source_from_offline_cache_and_local_directory(tmp_path, chat_dataset):
     cache = tmp_path / "hf-cache"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = _save_as_hub_cache(cache, "acme/tiny", commit)
+    snapshot = save_as_hub_cache(cache, "acme/tiny", commit)
     token_file = tmp_path / "token"
     token_file.write_text("hf_secret_value\n")
     steps = {"training.maxSteps": 3}

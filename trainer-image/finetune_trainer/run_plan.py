@@ -30,7 +30,9 @@ class RunPlan(ContractModel):
     zero_stage: int = Field(ge=0, le=3, description="DeepSpeed ZeRO stage.")
     offload: Literal["none", "optimizer", "parameters"] = Field(description="What DeepSpeed kept in CPU memory.")
     micro_batch_size: int = Field(ge=1, description="Rows per forward pass per process.")
-    global_batch_size: int = Field(ge=1, description="Rows per optimizer step, all processes (chosen here when the spec said auto).")
+    # Optional: a trainer image older than the operator does not report it (its result must still parse).
+    global_batch_size: int | None = Field(
+        default=None, ge=1, description="Rows per optimizer step, all processes (chosen here when the spec said auto).")
     accumulation_steps: int = Field(ge=1, description="Micro-batches per process per optimizer step.")
     total_steps: int = Field(ge=0, description="Optimizer steps planned.")
     deepspeed: dict[str, Any] = Field(
