@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import random
+import signal
 import subprocess
 import time
 
@@ -201,7 +203,17 @@ def test_api_server_restart_mid_run(kubectl, operator):
 
     wait_for(stopped, 30, what="the API server to stop")
     time.sleep(2)
-    subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], check=True, capture_output=True, timeout=120)
+    # In its own process group, stopped whole if it overruns: the script's children (an image
+    # build, when the tree changed) must not outlive the test.
+    up = subprocess.Popen([str(REPO / "hack" / "cluster.sh"), "up"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = up.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+        raise
+    assert up.returncode == 0, err.decode()[-2000:]
     wait_for(lambda: kubectl("get", "--raw", "/readyz", check=False).returncode == 0, 60, what="the API server")
     finish_pod(kubectl, pod, 0, json.dumps(RESULT))
     wait_phase(kubectl, "Succeeded", timeout=90)
