@@ -48,7 +48,8 @@ def _docs(text: str) -> list[dict]:
     ["-f", str(LOCAL_NODE_VALUES)],
     ["--set", "watchNamespaces={NS}", "--set", "karpenter.enabled=true", "--set", "replicaCount=2",
      "--set-json", 'karpenter.nodeClassRef={"group":"karpenter.kwok.sh","kind":"KWOKNodeClass","name":"default"}',
-     "--set", "metrics.serviceMonitor.enabled=true", "--set", "progress.enabled=false"],
+     "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.trainerPodMonitor.enabled=true",
+     "--set", "progress.enabled=false"],
     ["--set", "replicaCount=2", "--set", "podDisruptionBudget.enabled=true", "--set", "podAnnotations.example\\.com/a=b",
      "--set-json", 'topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"kubernetes.io/hostname",'
      '"whenUnsatisfiable":"ScheduleAnyway","labelSelector":{"matchLabels":{"app.kubernetes.io/name":"finetune-operator"}}}]',
@@ -67,7 +68,21 @@ def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace:
         service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-metrics"))
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
-    checked = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    # The PodMonitor selects the trainer pods the operator builds, on the port their container names.
+    from finetune_operator import children
+    from finetune_operator.api import FineTuneJob
+    from finetune_operator.settings import OperatorSettings
+
+    job = FineTuneJob.model_validate({"metadata": {"name": "demo", "namespace": namespace, "uid": "u"}, "spec": {
+        "baseModel": {"source": "preset://tiny-llama"}, "dataset": {"source": "pvc://data/train.jsonl"},
+        "output": {"destination": "pvc://models/demo"}}})
+    trainer = children.build_job(job, OperatorSettings())["spec"]["template"]
+    for monitor in (d for d in docs if d["kind"] == "PodMonitor"):
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= trainer["metadata"]["labels"].items()
+        port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+        assert port in [p["name"] for p in trainer["spec"]["containers"][0]["ports"]]
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [namespace]}
+    checked = [d for d in docs if d["kind"] not in ("ServiceMonitor", "PodMonitor")]
     cluster = Kubectl(kubectl.kubeconfig)  # objects carry their own namespaces
     proc = cluster("apply", "--server-side", "--force-conflicts", "--dry-run=server", "--validate=strict", "-f", "-",
                    input=yaml.safe_dump_all(checked), check=False)
