@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 .PHONY: help venv binaries constraints crds check-crds cluster cluster-down operator test test-unit test-integration demo mutation docs trainer-image image clean
 
 help:
-	@echo "make demo | test | cluster | cluster-down | operator | crds | trainer-image | image"
+	@echo "make demo | test | cluster | cluster-down | operator | crds | images | push | trainer-image | image"
 
 # The venv is rebuilt when pyproject.toml changes; the stamp records a finished install.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -72,6 +72,11 @@ docs: venv
 .PHONY: images
 images:
 	hack/images.sh
+
+# Push both images, digests unchanged: make push REGISTRY=host/path [TAG=...] [PUSH_TLS_VERIFY=false].
+.PHONY: push
+push:
+	REGISTRY=$(REGISTRY) TAG=$(TAG) PUSH_TLS_VERIFY=$(or $(PUSH_TLS_VERIFY),true) hack/push.sh
 
 # The same Dockerfiles with Docker, FROM the public python:slim base.
 trainer-image:

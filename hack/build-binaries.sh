@@ -2,7 +2,7 @@
 # Build the local control plane from the upstream Go modules at the versions pinned in
 # hack/versions.env, caching each binary by version so a second run is a no-op.
 #
-#   hack/build-binaries.sh [component...]    components: kubernetes etcd kwok karpenter helm coredns
+#   hack/build-binaries.sh [component...]    components: kubernetes etcd kwok karpenter helm coredns registry
 #
 # Prints the cache directory holding the binaries. Build logs go to $CACHE/logs/.
 set -euo pipefail
@@ -104,7 +104,23 @@ build_coredns() {
   install_bin "$dir/coredns" coredns "$tag"; rm -rf "$dir"
 }
 
+# The OCI registry the push test pushes to: go-containerregistry's in-memory registry with the
+# repository's own main (hack/registry/: it listens on loopback only). Cached like CoreDNS.
+build_registry() {
+  local v=$GGCR_VERSION src=$here/registry tag dir
+  tag=$v-$(cd "$src" && find . -name '*.go' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
+  have registry "$tag" && return
+  log "building registry (go-containerregistry $v)"
+  dir=$WORK/registry-$tag; rm -rf "$dir"; mkdir -p "$dir"
+  cp -r "$src/." "$dir/"
+  (
+    cd "$dir" && go mod init local/registry && go get "github.com/google/go-containerregistry@$v" && go mod tidy \
+      && go build -trimpath -ldflags "-s -w" -o registry .
+  ) >"$LOGS/registry-$v.log" 2>&1 || { log "registry build failed, see $LOGS/registry-$v.log"; tail -20 "$LOGS/registry-$v.log" >&2; return 1; }
+  install_bin "$dir/registry" registry "$tag"; rm -rf "$dir"
+}
+
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm coredns)
+[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm coredns registry)
 for c in "${components[@]}"; do "build_$c"; done
 echo "$BIN"
