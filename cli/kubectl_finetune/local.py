@@ -143,9 +143,10 @@ def _train(job: FineTuneJob, config: dict, workdir: Path, progress_file: Path, o
     if sys.stdout.isatty():
         print()
     if proc.returncode != 0:
-        # The log goes with the work directory: its end, where the cause is, first.
+        # The log goes with the work directory: its end, where the cause is, on stdout (stderr
+        # keeps its one error line).
         tail = log_file.read_text().splitlines()[-20:]
-        sys.stderr.write("".join(f"  | {line}\n" for line in tail))
+        sys.stdout.write("".join(f"  | {line}\n" for line in tail))
         raise CliError(f"trainer failed (exit {proc.returncode}): "
                        f"{failure_reason(log_file.read_text(), proc.returncode)}")
 
