@@ -72,7 +72,7 @@ def parse_variant(variant: str) -> dict:
       overflowcheck  DeepSpeed's bf16 gradient overflow check on (its default; the trainer
                 turns it off and checks the loss and gradient norm itself)
       accN      N micro-batches per process per optimizer step (gradient accumulation; the
-                trainer's default globalBatchSize 32 is acc8 at micro-batch 4 on one GPU)
+                globalBatchSize auto chooses 32 rows, acc8 at micro-batch 4 on one GPU, from 512 packed rows up)
     None means "leave the trainer's default".
     """
     out = {"micro_batch": 4, "gradient_checkpointing": None, "dropout": None, "compile": None,
