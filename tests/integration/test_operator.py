@@ -258,19 +258,23 @@ def test_a_hand_made_model_with_the_jobs_uid_is_not_published(kubectl, operator)
     assert model["spec"]["adapter"]["uri"] == "pvc://attacker/weights" and model.get("status", {}).get("phase") != "Ready"
 
 
-def test_deleting_the_job_cascades_to_every_child(kubectl, operator):
-    kubectl.create(job_manifest())
+def test_deleting_the_job_cascades_to_every_child_and_the_model_stays(kubectl, operator):
+    created = kubectl.create(job_manifest())
     finish_pod(kubectl, running_pod(kubectl), 0, json.dumps(RESULT))
     wait_phase(kubectl, "Succeeded")
     assert kubectl.get("model", "demo")
     kubectl("delete", "ftj", "demo", "--wait=true", "--timeout=60s")
 
     def all_gone():
-        left = [kubectl.get(kind, name) for kind, name in
-                [("job", "demo-trainer"), ("configmap", "demo-trainer-config"), ("model", "demo")]]
+        left = [kubectl.get(kind, name) for kind, name in [("job", "demo-trainer"), ("configmap", "demo-trainer-config")]]
         return all(obj is None for obj in left) and not kubectl.items("pods", "finetune.ai/job=demo")
 
     wait_for(all_gone, 60, what="the garbage collector to delete the children")
+    # The published Model is not a child: it outlives the job (output.deleteModelWithJob unset),
+    # Ready, naming the job it came from.
+    model = kubectl.get("model", "demo")
+    assert model and model["status"]["phase"] == "Ready" and "ownerReferences" not in model["metadata"]
+    assert model["spec"]["sourceJob"] == {"name": "demo", "uid": created["metadata"]["uid"]}
 
 
 def test_crashes_between_writes_never_duplicate_or_lose_children(kubectl, kubeconfig, namespace, tmp_path):
