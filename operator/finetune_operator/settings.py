@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .api import Quantity, TrainerPodSpec
+from .api import DNS_SUBDOMAIN, Quantity, TrainerPodSpec
 
 ENV_PREFIX = "FINETUNE_"
 
@@ -77,7 +77,7 @@ class OperatorSettings(BaseSettings):
         "cluster (OpenShift's assigned UID ranges). The image runs as any non-root UID.",
     )
     model_cache_claim: str = Field(
-        default="", max_length=253, pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$",
+        default="", max_length=253, pattern=f"^$|{DNS_SUBDOMAIN}",  # empty, or a claim name
         description="A PersistentVolumeClaim in each job's namespace that hf:// base models are downloaded into and "
         "read from, shared by that namespace's jobs (the hub's cache layout: one copy per repository and revision; "
         "ReadWriteMany for jobs on several nodes). Empty: each pod downloads into its own scratch space.",
