@@ -80,7 +80,8 @@ INVALID = [
     ("dropout-one", "spec.method", {"lora": {"dropout": 1.0}}, "spec.method.lora.dropout"),
     ("empty-targets", "spec.method", {"lora": {"targetModules": []}}, "spec.method.lora.targetModules"),
     ("negative-lr", "spec.training", {"learningRate": -0.1}, "spec.training.learningRate"),
-    ("zero-epochs", "spec.training", {"epochs": 0}, "spec.training.epochs"),
+    ("zero-epochs", "spec.training", {"epochs": 0}, "must be an integer from 1 to 1000, or auto"),
+    ("epochs-word", "spec.training", {"epochs": "many"}, "must be an integer from 1 to 1000, or auto"),
     ("tiny-seq", "spec.training", {"maxSeqLength": 8}, "spec.training.maxSeqLength"),
     ("zero-stage-4", "spec.distributed", {"zeroStage": 4}, "spec.distributed.zeroStage"),
     ("bad-offload", "spec.distributed", {"offload": "disk"}, "spec.distributed.offload: Unsupported value"),
@@ -179,6 +180,8 @@ INVALID = [
 ACCEPTED = [
     ("global-batch-auto", "spec.training", {"globalBatchSize": "auto", "microBatchSize": 3}),
     ("global-batch-number", "spec.training", {"globalBatchSize": 12, "microBatchSize": 3}),
+    ("epochs-auto", "spec.training", {"epochs": "auto"}),
+    ("epochs-number", "spec.training", {"epochs": 7}),
     ("pod-settings", "spec.trainerPod", {
         "serviceAccountName": "trainer", "priorityClassName": "gpu-high", "imagePullSecrets": ["regcred"],
         "labels": {"team": "a", "sidecar.istio.io/inject": "false"}, "annotations": {"example.com/note": "a b: c"},

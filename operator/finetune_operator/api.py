@@ -551,6 +551,9 @@ class Progress(StatusModel):
     loss: float | None = Field(default=None, description="Latest training loss.")
     tokens_per_second: float | None = Field(default=None, description="Recent throughput across all processes.")
     eta: str | None = Field(default=None, description="Estimated time left, for example 12m30s.")
+    global_batch_size: int | None = Field(
+        default=None, description="Rows per optimizer step, as the trainer chose it (spec.training.globalBatchSize auto).")
+    epochs: int | None = Field(default=None, description="Passes over the training split, as the trainer chose them (spec.training.epochs auto).")
     updated_at: datetime | None = Field(default=None, description="When the trainer last reported.")
 
 

@@ -56,6 +56,9 @@ class ProgressReport(BaseModel):
     loss: float | None = None
     tokens_per_second: float | None = Field(default=None, ge=0, alias="tokensPerSecond")
     eta: float | None = Field(default=None, ge=0, description="seconds left")
+    # The run's shape, chosen by the trainer when the spec says auto (absent from older trainers).
+    global_batch_size: int | None = Field(default=None, ge=1, le=MAX_COUNT, alias="globalBatchSize")
+    epochs: int | None = Field(default=None, ge=1, le=MAX_COUNT)
 
 
 def format_eta(seconds: float | None) -> str | None:
@@ -81,6 +84,10 @@ def status_progress(report: ProgressReport, now: datetime | None = None) -> dict
     eta = format_eta(report.eta)
     if eta:
         out["eta"] = eta
+    if report.global_batch_size is not None:
+        out["globalBatchSize"] = report.global_batch_size
+    if report.epochs is not None:
+        out["epochs"] = report.epochs
     return out
 
 

@@ -349,6 +349,11 @@ def status_patch(obs: Observation, ftj: FineTuneJob, trainer_job: str | None, no
         m = obs.result.metrics if obs.result else None
         if m:
             patch["progress"] = {"step": m.steps, "totalSteps": m.steps, "percent": 100, "loss": m.train_loss, "eta": "0s"}
+            plan = obs.result.run_plan
+            if plan and plan.global_batch_size is not None:
+                patch["progress"]["globalBatchSize"] = plan.global_batch_size
+            if plan and plan.epochs is not None:
+                patch["progress"]["epochs"] = plan.epochs
     return patch
 
 

@@ -43,7 +43,7 @@ def test_defaults_come_from_the_schema(kubectl):
     created = kubectl.create(VALID)
     spec = created["spec"]
     assert spec["method"] == {"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]}}
-    assert spec["training"]["epochs"] == 3 and spec["training"]["globalBatchSize"] == "auto"
+    assert spec["training"]["epochs"] == "auto" and spec["training"]["globalBatchSize"] == "auto"
     # The trainer's own settings, with the trainer's defaults (one definition: finetune_trainer.config).
     assert spec["training"]["lrScheduler"] == "cosine" and spec["training"]["maxGradNorm"] == 1.0
     # Unset: the trainer decides at start-up (checkpointing as memory needs; compile where it pays).

@@ -53,11 +53,6 @@ def test_the_example_parses_and_its_data_fills_its_batches(path: Path, tmp_path:
     train, _ = data.split(sequences, config.dataset.validation_split, training.seed)
     rows = data.pack_rows(train, training.max_seq_length, training.packing, training.seed)
     world = job.spec.distributed.nodes * max(job.spec.resources.accelerators_per_node or 1, 1)
-    batch = training.global_batch_size
-    if batch == "auto":
-        batch = batching.auto_global_batch(len(rows), training.micro_batch_size, world)
-    plan = batching.StepPlan(num_rows=len(rows), micro_batch_size=training.micro_batch_size,
-                             global_batch_size=batch, world_size=world,
-                             epochs=training.epochs, max_steps=training.max_steps, seed=training.seed)
+    plan = batching.StepPlan.for_rows(training, len(rows), world)
     plan.validate()  # raises "only N training row(s), fewer than globalBatchSize" as the trainer would
     assert plan.total_steps >= 2, (path.name, len(rows), plan.total_steps)

@@ -150,6 +150,45 @@ def test_deepspeed_config_leaves_bf16_overflow_to_the_trainer_and_fuses_adam_on_
     assert gpu["gradient_accumulation_steps"] == 8
 
 
+@pytest.mark.parametrize("steps_per_epoch,epochs", [
+    (16, 3),      # what auto batching aims at: 3 epochs, 48 steps
+    (3, 16),      # a small dataset: enough epochs for 48 steps
+    (1, 25),      # at most 25 epochs
+    (600, 3),     # 1,800 steps: still 3
+    (700, 2),     # 2,100 would be over 2,000 steps: 2 epochs
+    (5000, 1),    # never less than one
+    (0, 3),       # no step fits: StepPlan.validate's error, not this one's
+])
+def test_auto_epochs_aim_at_48_to_2000_steps_within_1_and_25_epochs(steps_per_epoch, epochs):
+    from finetune_trainer.batching import auto_epochs
+
+    assert auto_epochs(steps_per_epoch) == epochs
+
+
+def test_step_plan_for_rows_chooses_the_batch_then_the_epochs_and_keeps_explicit_values():
+    from finetune_trainer.batching import StepPlan
+    from finetune_trainer.config import TrainingConfig
+
+    auto = StepPlan.for_rows(TrainingConfig(micro_batch_size=2), num_rows=7, world_size=1)
+    assert (auto.global_batch_size, auto.epochs, auto.total_steps) == (2, 16, 48)
+    fixed = StepPlan.for_rows(TrainingConfig(micro_batch_size=2, global_batch_size=4, epochs=2), num_rows=7, world_size=1)
+    assert (fixed.global_batch_size, fixed.epochs, fixed.total_steps) == (4, 2, 2)
+    capped = StepPlan.for_rows(TrainingConfig(micro_batch_size=2, max_steps=5), num_rows=7, world_size=1)
+    assert capped.total_steps == 5
+
+
+@pytest.mark.parametrize("value", [0, 1001, "three", 2.5, None])
+def test_epochs_take_an_integer_from_1_to_1000_or_auto_with_one_message(value):
+    from pydantic import ValidationError
+
+    from finetune_trainer.config import TrainingConfig
+
+    with pytest.raises(ValidationError) as caught:
+        TrainingConfig(epochs=value)
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("epochs",) and "must be an integer from 1 to 1000, or auto" in error["msg"]
+
+
 @pytest.mark.parametrize("rows,micro,world,chosen", [
     (7, 2, 1, 2),        # too few rows for 16 steps: one micro-batch per process
     (19, 4, 1, 4),

@@ -21,7 +21,7 @@ def test_metrics_endpoint_and_progress_file(tmp_path):
         ReportingConfig(progress_file=str(progress), metrics_port=port, metrics_host="127.0.0.1"), is_main=True
     )
     try:
-        reporter.started(10, 0)
+        reporter.started(10, 0, global_batch_size=8, epochs=3)
         reporter.step(step=3, total_steps=10, epoch=0, loss=1.25, learning_rate=1e-4, tokens=512,
                       tokens_seen=1536, step_seconds=0.5, eta_seconds=3.5, gpu_memory=None)
         reporter.evaluated(3, 1.5)
@@ -42,7 +42,9 @@ def test_metrics_endpoint_and_progress_file(tmp_path):
     assert records[1] | {"time": 0} == {
         "time": 0, "event": "progress", "step": 3, "totalSteps": 10, "percent": 30.0, "epoch": 0,
         "loss": 1.25, "learningRate": 1e-4, "tokensPerSecond": 1024.0, "tokensSeen": 1536, "eta": 3.5,
+        "globalBatchSize": 8, "epochs": 3,  # what started() was told, in every record
     }
+    assert (records[0]["globalBatchSize"], records[0]["epochs"]) == (8, 3)
 
 
 def test_only_rank_0_reports(tmp_path, capsys):
@@ -186,7 +188,7 @@ def test_the_reporter_pushes_step_records_only(tmp_path, receiver):
                                         progress_token_file=str(token)), is_main=True)
     assert reporter.pusher.min_interval == 2.0
     try:
-        reporter.started(4, 0)
+        reporter.started(4, 0, global_batch_size=8, epochs=3)
         reporter.step(step=1, total_steps=4, epoch=0, loss=2.0, learning_rate=0.1, tokens=10, tokens_seen=10,
                       step_seconds=1.0, eta_seconds=3.0, gpu_memory=None)
         reporter.evaluated(1, 1.5)
@@ -196,7 +198,7 @@ def test_the_reporter_pushes_step_records_only(tmp_path, receiver):
                                   "authorization": "Bearer secret", "body": {
                                       "event": "progress", "step": 1, "totalSteps": 4, "percent": 25.0, "epoch": 0,
                                       "loss": 2.0, "learningRate": 0.1, "tokensPerSecond": 10.0, "tokensSeen": 10,
-                                      "eta": 3.0}}]
+                                      "eta": 3.0, "globalBatchSize": 8, "epochs": 3}}]
 
 
 def test_progress_records_are_appended_line_by_line_and_rounded(tmp_path, caplog):
@@ -207,7 +209,7 @@ def test_progress_records_are_appended_line_by_line_and_rounded(tmp_path, caplog
     assert reporter.pusher is None  # no progressUrl: nothing to push to
     try:
         before = time.time()
-        reporter.started(300, 4, resumedFrom="checkpoint-4")
+        reporter.started(300, 4, resumedFrom="checkpoint-4", global_batch_size=8, epochs=3)
         after = time.time()
         # Each record is readable as soon as it is emitted (line buffered), not at close.
         lines = progress.read_text().splitlines()
@@ -215,7 +217,7 @@ def test_progress_records_are_appended_line_by_line_and_rounded(tmp_path, caplog
         started = json.loads(lines[1])
         assert before - 0.001 <= started["time"] <= after + 0.001 and started["time"] == round(started["time"], 3)
         assert started | {"time": 0} == {"time": 0, "event": "started", "step": 4, "totalSteps": 300,
-                                         "resumedFrom": "checkpoint-4"}
+                                         "resumedFrom": "checkpoint-4", "globalBatchSize": 8, "epochs": 3}
         reporter.step(step=100, total_steps=300, epoch=2, loss=1.23456789, learning_rate=3e-4, tokens=1000,
                       tokens_seen=5000, step_seconds=3.0, eta_seconds=12.345, gpu_memory=2048)
         reporter.step(step=101, total_steps=300, epoch=2, loss=1.0, learning_rate=3e-4, tokens=1000,
@@ -227,10 +229,11 @@ def test_progress_records_are_appended_line_by_line_and_rounded(tmp_path, caplog
     assert records == [
         {"time": 0, "event": "progress", "step": 100, "totalSteps": 300, "percent": 33.33, "epoch": 2,
          "loss": 1.234568, "learningRate": 3e-4, "tokensPerSecond": 333.3, "tokensSeen": 5000, "eta": 12.3,
-         "gpuMemoryBytes": 2048},
+         "globalBatchSize": 8, "epochs": 3, "gpuMemoryBytes": 2048},
         # A step that took no measurable time has no throughput (not a division by zero).
         {"time": 0, "event": "progress", "step": 101, "totalSteps": 300, "percent": 33.67, "epoch": 2,
-         "loss": 1.0, "learningRate": 3e-4, "tokensPerSecond": 0.0, "tokensSeen": 6000, "eta": 0.0},
+         "loss": 1.0, "learningRate": 3e-4, "tokensPerSecond": 0.0, "tokensSeen": 6000, "eta": 0.0,
+         "globalBatchSize": 8, "epochs": 3},
         {"time": 0, "event": "eval", "step": 101, "evalLoss": 0.987654},
     ]
     # And for people, one log line each.
@@ -251,7 +254,7 @@ def test_metrics_endpoint_on_a_host_from_the_environment(monkeypatch, capsys, ca
     port = free_port()
     reporter = Reporter(ReportingConfig(metrics_port=port, metrics_host="$(FINETUNE_TEST_POD_IP)"), is_main=True)
     try:
-        reporter.started(50, 20)  # resumed at step 20
+        reporter.started(50, 20, global_batch_size=8, epochs=3)  # resumed at step 20
         resumed = scrape(port, "127.0.0.3")
         with pytest.raises(OSError):  # bound on the pod's own address only
             scrape(port, "127.0.0.1")
@@ -292,7 +295,7 @@ def test_other_ranks_open_no_file_no_endpoint_and_push_nothing(tmp_path, receive
     progress = tmp_path / "progress.jsonl"
     reporter = Reporter(ReportingConfig(progress_file=str(progress), metrics_port=port, metrics_host="127.0.0.1",
                                         progress_url=receiver.url), is_main=False)
-    reporter.started(10, 0)
+    reporter.started(10, 0, global_batch_size=8, epochs=3)
     reporter.step(step=1, total_steps=10, epoch=0, loss=1.0, learning_rate=0.1, tokens=1, tokens_seen=1,
                   step_seconds=1.0, eta_seconds=9.0, gpu_memory=1)
     reporter.evaluated(1, 1.0)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from hub_layout import save_as_hub_cache
 
-from finetune_trainer.protocol import OWNER_FILE
+from finetune_trainer.protocol import OWNER_FILE, PROGRESS_EVENT
 from trainer_helpers import (
     arithmetic_chat, assert_ok, make_config, read_progress, run_trainer, write_config, write_jsonl,
 )
@@ -248,14 +248,20 @@ def test_eval_loss_is_the_saved_models_loss_on_the_held_out_examples(tmp_path, c
     assert loss_per_target_token(trained_on) != pytest.approx(reported, rel=1e-2)
 
 
-def test_an_auto_batch_trains_a_dataset_the_old_default_refused(tmp_path):
-    """globalBatchSize auto (the default): 7 packed rows, which the old fixed default (32)
-    refused, train with one micro-batch per step; the choice is in the run plan."""
+def test_auto_batch_and_epochs_train_a_dataset_the_old_defaults_refused(tmp_path):
+    """globalBatchSize and epochs auto (the defaults): 7 packed rows, which the old fixed batch
+    size (32) refused, train with one micro-batch per step, and for enough epochs to make the
+    run 48 steps rather than 3 epochs' 9; the choices are in the run plan and in every
+    progress record (which the operator copies into the job's status)."""
     dataset = write_jsonl(tmp_path / "d.jsonl", arithmetic_chat(8))
-    config = make_config(tmp_path, dataset, **{"training.globalBatchSize": "auto", "training.epochs": 1})
+    config = make_config(tmp_path, dataset, **{"training.globalBatchSize": "auto", "training.epochs": "auto"})
     assert_ok(run_trainer(write_config(tmp_path, config)))
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     plan = result["runPlan"]
     assert (plan["globalBatchSize"], plan["accumulationSteps"]) == (2, 1)  # microBatchSize 2, one process
-    assert result["metrics"]["steps"] == 7 // 2
+    assert plan["epochs"] == 16  # 3 steps an epoch: 16 epochs reach the 48 steps auto aims at
+    assert result["metrics"]["steps"] == plan["totalSteps"] == 16 * (7 // 2)
     assert plan["deepspeed"]["train_batch_size"] == 2
+    records = [json.loads(line) for line in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == PROGRESS_EVENT]
+    assert steps and all((r["globalBatchSize"], r["epochs"]) == (2, 16) for r in steps)

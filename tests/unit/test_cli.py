@@ -67,7 +67,7 @@ def test_the_trainer_logs_the_same_duration(caplog):
 
 def test_progress_from_a_log_the_trainer_wrote(capsys):
     reporter = Reporter(ReportingConfig(), is_main=True)  # no progress file: stdout lines
-    reporter.started(10, 0)
+    reporter.started(10, 0, global_batch_size=8, epochs=3)
     reporter.step(**STEP)
     reporter.evaluated(3, 1.5)
     reporter.close()
@@ -84,7 +84,7 @@ def test_progress_from_a_log_the_trainer_wrote(capsys):
 def test_a_local_run_draws_the_trainers_progress_file(tmp_path, capsys):
     progress_file = tmp_path / "progress.jsonl"
     reporter = Reporter(ReportingConfig(progress_file=str(progress_file)), is_main=True)
-    reporter.started(10, 0)
+    reporter.started(10, 0, global_batch_size=8, epochs=3)
     reporter.step(**STEP)
     reporter.evaluated(3, 1.5)
     reporter.close()

@@ -80,6 +80,16 @@ def test_a_report_reads_camel_case_and_field_names_and_ignores_extra_keys():
     assert by_name.total_steps == 8 and by_name.tokens_per_second == 1.0
 
 
+def test_the_run_shape_a_trainer_reports_reaches_the_status_and_older_trainers_omit_it():
+    shaped = ProgressReport.model_validate_json('{"step": 2, "totalSteps": 8, "globalBatchSize": 4, "epochs": 16}')
+    progress = status_progress(shaped)
+    assert (progress["globalBatchSize"], progress["epochs"]) == (4, 16)
+    assert {"globalBatchSize", "epochs"}.isdisjoint(status_progress(ProgressReport(step=2, totalSteps=8)))
+    for bad in ('{"step": 0, "totalSteps": 1, "globalBatchSize": 0}', '{"step": 0, "totalSteps": 1, "epochs": 0}'):
+        with pytest.raises(ValueError):
+            ProgressReport.model_validate_json(bad)
+
+
 # --- what a report becomes in the status ---------------------------------------------------------
 
 def test_format_eta_uses_the_trainer_duration_format():

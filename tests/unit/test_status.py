@@ -501,6 +501,22 @@ def test_conditions_are_stamped_in_whole_seconds():
     assert {c["lastTransitionTime"] for c in patch["conditions"]} == {"2026-01-01T00:00:00Z"}
 
 
+def test_a_success_shows_the_batch_size_and_epochs_the_trainer_chose():
+    plan = {"device": "cpu", "worldSize": 1, "precision": "fp32", "attention": "sdpa", "compile": False,
+            "fusedLoss": False, "checkpointedLayers": 0, "layers": 2, "zeroStage": 0, "offload": "none",
+            "microBatchSize": 2, "globalBatchSize": 2, "epochs": 16, "accumulationSteps": 1, "totalSteps": 9}
+    obs = status.observe(make_job(), job([("Complete", {})], completionTime="2026-01-01T01:00:00Z"),
+                         [pod("Succeeded", exit_code=0, message=json.dumps({**RESULT, "runPlan": plan}))])
+    patch = status.status_patch(obs, make_job(), "demo-trainer", T0)
+    assert (patch["progress"]["globalBatchSize"], patch["progress"]["epochs"]) == (2, 16)
+    # A trainer that does not report them (older images) leaves them out rather than guessing.
+    older = {**plan}
+    del older["globalBatchSize"], older["epochs"]
+    obs = status.observe(make_job(), job([("Complete", {})], completionTime="2026-01-01T01:00:00Z"),
+                         [pod("Succeeded", exit_code=0, message=json.dumps({**RESULT, "runPlan": older}))])
+    assert {"globalBatchSize", "epochs"}.isdisjoint(status.status_patch(obs, make_job(), "demo-trainer", T0)["progress"])
+
+
 def test_status_patch_carries_everything_for_a_success():
     obs = status.observe(make_job(), job([("Complete", {})], completionTime="2026-01-01T01:00:00Z"),
                          [pod("Succeeded", exit_code=0, message=json.dumps(RESULT))])

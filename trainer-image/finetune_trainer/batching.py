@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from finetune_trainer.config import AUTO_GLOBAL_BATCH_MAX, AUTO_STEPS_PER_EPOCH
+from finetune_trainer.config import (
+    AUTO_EPOCHS,
+    AUTO_GLOBAL_BATCH_MAX,
+    AUTO_MAX_EPOCHS,
+    AUTO_MAX_STEPS,
+    AUTO_MIN_STEPS,
+    AUTO_STEPS_PER_EPOCH,
+    TrainingConfig,
+)
 from finetune_trainer.data import IGNORE_INDEX, Sequence
 from finetune_trainer.errors import ConfigError, DataError
 
@@ -28,6 +36,19 @@ def auto_global_batch(num_rows: int, micro_batch_size: int, world_size: int) -> 
     per_step = micro_batch_size * world_size
     target = min(AUTO_GLOBAL_BATCH_MAX, num_rows // AUTO_STEPS_PER_EPOCH)
     return max(per_step, target // per_step * per_step)
+
+
+def auto_epochs(steps_per_epoch: int) -> int:
+    """epochs "auto": AUTO_EPOCHS passes, unless that is fewer than AUTO_MIN_STEPS steps (a small
+    dataset: as many passes as reach them, at most AUTO_MAX_EPOCHS) or more than AUTO_MAX_STEPS
+    (a large one: as many whole passes as fit, at least one)."""
+    if steps_per_epoch <= 0:
+        return AUTO_EPOCHS  # no step fits at all: StepPlan.validate says why
+    if AUTO_EPOCHS * steps_per_epoch < AUTO_MIN_STEPS:
+        return min(AUTO_MAX_EPOCHS, -(-AUTO_MIN_STEPS // steps_per_epoch))
+    if AUTO_EPOCHS * steps_per_epoch > AUTO_MAX_STEPS:
+        return max(1, AUTO_MAX_STEPS // steps_per_epoch)
+    return AUTO_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,20 @@ class StepPlan:
                 f"dataset: only {self.num_rows} training row(s), fewer than "
                 f"training.globalBatchSize={self.global_batch_size}; add data or lower the batch size"
             )
+
+    @classmethod
+    def for_rows(cls, training: TrainingConfig, num_rows: int, world_size: int) -> StepPlan:
+        """The plan for num_rows packed training rows on world_size processes, with the "auto"
+        settings chosen: the batch size from the rows, then the epochs from the steps an epoch
+        of that batch size takes. Not validated (validate says what cannot work)."""
+        global_batch = training.global_batch_size
+        if global_batch == "auto":
+            global_batch = auto_global_batch(num_rows, training.micro_batch_size, world_size)
+        epochs = training.epochs
+        if epochs == "auto":
+            epochs = auto_epochs(num_rows // global_batch)
+        return cls(num_rows=num_rows, micro_batch_size=training.micro_batch_size, global_batch_size=global_batch,
+                   world_size=world_size, epochs=epochs, max_steps=training.max_steps, seed=training.seed)
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_trainer.errors import ConfigError
@@ -100,6 +100,14 @@ def int_or_keyword_message(low: int, high: int, keywords: list[str]) -> str:
 MAX_GLOBAL_BATCH = 1_048_576
 AUTO_GLOBAL_BATCH_MAX = 32
 AUTO_STEPS_PER_EPOCH = 16
+# epochs "auto" (finetune_trainer.batching.auto_epochs): AUTO_EPOCHS passes, more for a small
+# dataset so the run has at least AUTO_MIN_STEPS optimizer steps (at most AUTO_MAX_EPOCHS
+# passes), fewer for a large one so it has at most AUTO_MAX_STEPS (never less than one pass).
+MAX_EPOCHS = 1000
+AUTO_EPOCHS = 3
+AUTO_MIN_STEPS = AUTO_EPOCHS * AUTO_STEPS_PER_EPOCH
+AUTO_MAX_EPOCHS = 25
+AUTO_MAX_STEPS = 2000
 
 
 class BaseModelOptions(ContractModel):
@@ -166,7 +174,13 @@ class MethodConfig(ContractModel):
 class TrainingConfig(ContractModel):
     """Optimisation hyperparameters."""
 
-    epochs: int = Field(default=3, ge=1, le=1000, description="Passes over the training split.")
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)] | Literal["auto"] = Field(
+        default="auto",
+        description="Passes over the training split, or auto: chosen from the steps an epoch takes, "
+        f"{AUTO_EPOCHS} passes, more (up to {AUTO_MAX_EPOCHS}) so that a small dataset trains at least "
+        f"{AUTO_MIN_STEPS} steps, fewer (at least 1) so that a large one trains at most {AUTO_MAX_STEPS} "
+        "(the choice is in status.progress.epochs and the Model's spec.runPlan.epochs).",
+    )
     max_steps: int | None = Field(
         default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps, whatever the epochs."
     )
@@ -187,15 +201,19 @@ class TrainingConfig(ContractModel):
         description="Sequences per optimizer step across all processes: a multiple of microBatchSize times the number "
         f"of processes (nodes x acceleratorsPerNode), or auto: chosen from the packed training rows, at most "
         f"{AUTO_GLOBAL_BATCH_MAX} and at least one micro-batch per process, aiming at {AUTO_STEPS_PER_EPOCH} steps "
-        "per epoch (the choice is in the Model's spec.runPlan.globalBatchSize).",
+        "per epoch (the choice is in status.progress.globalBatchSize and the Model's spec.runPlan.globalBatchSize).",
     )
-    @field_validator("global_batch_size", mode="wrap")
+    # The largest value each int-or-auto field takes (the lowest is 1): one message for pydantic's
+    # two failed variants, the same one the CRD's rule gives.
+    _AUTO_FIELD_MAX: ClassVar[dict[str, int]] = {"epochs": MAX_EPOCHS, "global_batch_size": MAX_GLOBAL_BATCH}
+
+    @field_validator(*_AUTO_FIELD_MAX, mode="wrap")
     @classmethod
-    def _int_or_auto(cls, value: Any, handler: Callable[[Any], Any]) -> Any:
+    def _int_or_auto(cls, value: Any, handler: Callable[[Any], Any], info: ValidationInfo) -> Any:
         try:
             return handler(value)
         except ValidationError:
-            raise ValueError(int_or_keyword_message(1, MAX_GLOBAL_BATCH, ["auto"])) from None
+            raise ValueError(int_or_keyword_message(1, cls._AUTO_FIELD_MAX[info.field_name], ["auto"])) from None
 
     max_seq_length: int = Field(default=2048, ge=16, le=1_048_576, description="Longest sequence in tokens.")
     packing: bool = Field(default=True, description="Pack several records into each sequence (padding-free).")

@@ -86,6 +86,7 @@ def plan_run(config: JobConfig, dist: Distributed, steps: StepPlan, built: Model
         offload=config.distributed.offload,
         micro_batch_size=config.training.micro_batch_size,
         global_batch_size=steps.global_batch_size,
+        epochs=steps.epochs,
         accumulation_steps=steps.accumulation_steps,
         total_steps=steps.total_steps,
         deepspeed=merged(engines.deepspeed_config(config, steps, dist.device), overrides.deepspeed or {}),

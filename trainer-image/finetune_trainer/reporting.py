@@ -122,6 +122,7 @@ class ProgressPusher:
 class Reporter:
     def __init__(self, config: ReportingConfig, is_main: bool):
         self.is_main = is_main
+        self.shape: dict[str, int] = {}
         self.stream = None
         self.metrics = None
         self.pusher = None
@@ -145,11 +146,14 @@ class Reporter:
             sys.stdout.write(PROGRESS_PREFIX + line + "\n")
             sys.stdout.flush()
 
-    def started(self, total_steps: int, start_step: int, **details: Any) -> None:
+    def started(self, total_steps: int, start_step: int, *, global_batch_size: int, epochs: int, **details: Any) -> None:
+        # The run's shape, which auto settings chose here: every progress record repeats it, so
+        # the job's status shows it whichever record reached the operator.
+        self.shape = {"globalBatchSize": global_batch_size, "epochs": epochs}
         if self.metrics:
             self.metrics.total_steps.set(total_steps)
             self.metrics.step.set(start_step)
-        self.emit({"event": "started", "step": start_step, "totalSteps": total_steps, **details})
+        self.emit({"event": "started", "step": start_step, "totalSteps": total_steps, **self.shape, **details})
 
     def step(self, *, step: int, total_steps: int, epoch: int, loss: float, learning_rate: float,
              tokens: int, tokens_seen: int, step_seconds: float, eta_seconds: float, gpu_memory: int | None) -> None:
@@ -176,6 +180,7 @@ class Reporter:
             "tokensPerSecond": round(tokens_per_second, 1),
             "tokensSeen": tokens_seen,
             "eta": round(eta_seconds, 1),
+            **self.shape,
         }
         if gpu_memory is not None:
             record["gpuMemoryBytes"] = gpu_memory

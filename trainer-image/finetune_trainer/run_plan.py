@@ -33,6 +33,8 @@ class RunPlan(ContractModel):
     # Optional: a trainer image older than the operator does not report it (its result must still parse).
     global_batch_size: int | None = Field(
         default=None, ge=1, description="Rows per optimizer step, all processes (chosen here when the spec said auto).")
+    epochs: int | None = Field(
+        default=None, ge=1, description="Passes over the training split (chosen here when the spec said auto).")
     accumulation_steps: int = Field(ge=1, description="Micro-batches per process per optimizer step.")
     total_steps: int = Field(ge=0, description="Optimizer steps planned.")
     deepspeed: dict[str, Any] = Field(

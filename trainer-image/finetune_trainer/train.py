@@ -112,22 +112,12 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         train_sequences, validation_sequences = data.split(sequences, config.dataset.validation_split, training.seed)
         train_rows = data.pack_rows(train_sequences, training.max_seq_length, training.packing, training.seed)
         validation_rows = data.pack_rows(validation_sequences, training.max_seq_length, training.packing, training.seed)
-        global_batch = training.global_batch_size
-        if global_batch == "auto":
-            global_batch = batching.auto_global_batch(len(train_rows), training.micro_batch_size, dist.world_size)
-        steps = batching.StepPlan(
-            num_rows=len(train_rows),
-            micro_batch_size=training.micro_batch_size,
-            global_batch_size=global_batch,
-            world_size=dist.world_size,
-            epochs=training.epochs,
-            max_steps=training.max_steps,
-            seed=training.seed,
-        )
+        steps = batching.StepPlan.for_rows(training, len(train_rows), dist.world_size)
         steps.validate()
         log.info(
-            "%d train rows (%d sequences), %d validation rows; %d steps of %d rows (%d micro-batches x %d processes x %d accumulation)",
-            len(train_rows), len(train_sequences), len(validation_rows), steps.total_steps,
+            "%d train rows (%d sequences), %d validation rows; %d steps (%d epochs) of %d rows "
+            "(%d micro-batches x %d processes x %d accumulation)",
+            len(train_rows), len(train_sequences), len(validation_rows), steps.total_steps, steps.epochs,
             steps.global_batch_size, training.micro_batch_size, dist.world_size, steps.accumulation_steps,
         )
 
@@ -180,7 +170,7 @@ def run(config: JobConfig, overrides: RunPlanOverrides | None = None) -> RunPlan
         reporter.started(
             steps.total_steps, state["step"], resumed=state["step"] > 0,
             examples=len(records), skippedLines=skipped_lines, worldSize=dist.world_size,
-            checkpointedLayers=plan.checkpointed_layers,
+            checkpointedLayers=plan.checkpointed_layers, global_batch_size=steps.global_batch_size, epochs=steps.epochs,
         )
 
         # 7. Train.
