@@ -17,6 +17,7 @@ import finetune_trainer.cli as trainer_cli
 import yaml
 from finetune_operator.api import FineTuneJob
 from finetune_operator.sources import UnsupportedSource
+from finetune_operator.spec_terms import in_spec_terms
 from finetune_operator.trainer_config import render
 from finetune_trainer.protocol import (
     MODEL_MANIFEST_FILE,
@@ -122,7 +123,7 @@ def run_local(args: argparse.Namespace) -> int:
         created = not output_dir.exists()
         output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            return _train(job, config, workdir, progress_file, output_dir)
+            return _train(job, config, workdir, progress_file, output_dir, claim_dirs)
         except BaseException:
             # Nothing but the owner record the trainer writes first: nothing to keep.
             if created and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {OWNER_FILE}:
@@ -130,7 +131,8 @@ def run_local(args: argparse.Namespace) -> int:
             raise
 
 
-def _train(job: FineTuneJob, config: dict, workdir: Path, progress_file: Path, output_dir: Path) -> int:
+def _train(job: FineTuneJob, config: dict, workdir: Path, progress_file: Path, output_dir: Path,
+           claim_dirs: dict[str, str]) -> int:
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     log_file = workdir / "trainer.log"
@@ -147,8 +149,9 @@ def _train(job: FineTuneJob, config: dict, workdir: Path, progress_file: Path, o
         # keeps its one error line).
         tail = log_file.read_text().splitlines()[-20:]
         sys.stdout.write("".join(f"  | {line}\n" for line in tail))
-        raise CliError(f"trainer failed (exit {proc.returncode}): "
-                       f"{failure_reason(log_file.read_text(), proc.returncode)}")
+        # In the manifest's terms (spec.dataset.source: pvc://data/...), as the cluster says it.
+        reason = in_spec_terms(failure_reason(log_file.read_text(), proc.returncode), job, claim_dirs)
+        raise CliError(f"trainer failed (exit {proc.returncode}): {reason}")
 
     result_path = output_dir / RESULT_FILE
     if not result_path.exists():

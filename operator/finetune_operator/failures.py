@@ -120,8 +120,9 @@ RULES: tuple[Rule, ...] = (
     Rule("InvalidInput", False, "bad configuration or data, retrying cannot help: {detail}",
          exit_codes=(EXIT_USER_ERROR,), job_action="FailJob"),
     # Exit 137 is also a plain SIGKILL, so the Job controller cannot tell OOM apart: the operator does.
-    Rule("OutOfMemory", False, "{detail}. Lower training.microBatchSize or maxSeqLength, enable "
-         "training.gradientCheckpointing (true: every layer), use distributed.offload, or request more memory",
+    Rule("OutOfMemory", False, "{detail}. Lower spec.training.microBatchSize or maxSeqLength, enable "
+         "spec.training.gradientCheckpointing (true: every layer), use spec.distributed.offload, or request more "
+         "memory (spec.resources.memory)",
          container_reasons=("OOMKilled",), message_contains=("out of memory",)),
     Rule("Preempted", True, "{detail}; the trainer checkpointed on SIGTERM and the retry resumes",
          exit_codes=(EXIT_PREEMPTED,)),

@@ -17,6 +17,7 @@ from . import failures, naming
 from .api import Condition, FineTuneJob, Phase
 from .kubetime import format_time, parse_time
 from .provisioning import node_pool_name
+from .spec_terms import in_spec_terms
 
 CONDITION_TYPES = ("Ready", "Provisioned", "Running", "Succeeded", "Failed")
 
@@ -248,7 +249,7 @@ def observe(ftj: FineTuneJob, job: dict | None, pods: list[dict], provisioning: 
     failed = true_condition(job, "Failed")
     if failed:
         failure = failures.job_failure(failed, pods)
-        return Observation("Failed", failure.reason, failure.message, start_time=start_time,
+        return Observation("Failed", failure.reason, in_spec_terms(failure.message, ftj), start_time=start_time,
                            completion_time=failed.get("lastTransitionTime"))
     fatal = failures.fatal_problem(pods, now, mounts)
     if fatal:

@@ -137,18 +137,20 @@ def test_out_of_memory_fails_at_once_with_advice(kubectl, operator):
     ftj = wait_phase(kubectl, "Failed")
     failed = condition(ftj, "Failed")
     assert failed["reason"] == "OutOfMemory"
-    assert "CUDA out of memory" in failed["message"] and "Lower training.microBatchSize" in failed["message"]
+    assert "CUDA out of memory" in failed["message"] and "Lower spec.training.microBatchSize" in failed["message"]
     wait_for(lambda: kubectl.get("job", "demo-trainer") is None, 30, what="the trainer Job to be deleted, not retried")
 
 
 def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
     kubectl.create(job_manifest(backoffLimit=5))
     pod = running_pod(kubectl)
-    finish_pod(kubectl, pod, 2, "dataset /mnt/pvc/data/train.jsonl line 7: not valid JSON")
+    finish_pod(kubectl, pod, 2, "dataset.path: /mnt/pvc/data/train.jsonl:7: not valid JSON")
     ftj = wait_phase(kubectl, "Failed")
     failed = condition(ftj, "Failed")
     assert failed["reason"] == "InvalidInput"
-    assert "bad configuration or data" in failed["message"] and "line 7: not valid JSON" in failed["message"]
+    # In the spec's terms: its field and its URI, not the trainer's config path and the pod's mount.
+    assert failed["message"] == ("bad configuration or data, retrying cannot help: "
+                                 "spec.dataset.source: pvc://data/train.jsonl:7: not valid JSON")
     assert len(kubectl.items("pods", "finetune.ai/job=demo")) == 1  # no retry
 
 

@@ -302,7 +302,7 @@ def test_a_failed_local_run_leaves_no_work_directory_or_empty_output(tmp_path, m
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     args = build_parser().parse_args(["run", "--local", _manifest(tmp_path, resources={"accelerator": "none"}),
                                       "--volume", f"data={data}", "--volume", f"models={models}"])
-    with pytest.raises(CliError, match="trainer failed.*x.jsonl:2"):
+    with pytest.raises(CliError, match=r"trainer failed.*pvc://data/x\.jsonl:2"):
         local.run_local(args)
     assert list(scratch.iterdir()) == [] and list(models.iterdir()) == []
     out = capsys.readouterr()
