@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The operator image: the Kopf operator and its API client, no torch.
-#   docker build -t finetune-operator:0.1.0 .
+#   docker build -t finetune-operator:VERSION .   (make image)
 # `make images` (hack/images.sh) builds the same file with buildah, FROM a Debian bookworm base
 # made with mmdebstrap (PYTHON_BASE=localhost/fto-base:...), since no registry is needed there.
 # Both bases are bookworm with Python 3.11: python:slim's is in /usr/local/bin, Debian's in
@@ -28,7 +28,7 @@ RUN --mount=type=cache,id=fto-pip,target=/root/.cache/pip \
  && rm /opt/venv/bin/kubectl-finetune  # the CLI is its own package (cli/), not in this image
 
 FROM ${PYTHON_BASE}
-ARG VERSION=0.1.0
+ARG VERSION=unknown
 ARG REVISION=unknown
 # The repository URL (hack/images.sh passes the git remote, when there is one).
 ARG SOURCE=

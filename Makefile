@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KUBECONFIG_LOCAL := $(CURDIR)/.cluster/kubeconfig
 BIN := $(HOME)/.cache/finetune-operator/bin
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 export PATH := $(CURDIR)/$(VENV)/bin:$(BIN):$(PATH)
 
 .PHONY: help venv binaries constraints crds check-crds cluster cluster-down operator test test-unit test-integration demo mutation docs trainer-image image clean
@@ -80,10 +81,10 @@ push:
 
 # The same Dockerfiles with Docker, FROM the public python:slim base.
 trainer-image:
-	docker build -f trainer-image/Dockerfile --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-trainer:0.1.0 .
+	docker build -f trainer-image/Dockerfile --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-trainer:$(VERSION) .
 
 image:
-	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-operator:0.1.0 .
+	docker build --build-arg REVISION=$$(git rev-parse HEAD) -t finetune-operator:$(VERSION) .
 
 clean: cluster-down
 	rm -rf $(VENV) *.egg-info

@@ -3,6 +3,7 @@
 # hack/versions.env, caching each binary by version so a second run is a no-op.
 #
 #   hack/build-binaries.sh [component...]    components: kubernetes etcd kwok karpenter helm coredns registry
+#                                            actionlint
 #
 # Prints the cache directory holding the binaries. Build logs go to $CACHE/logs/.
 set -euo pipefail
@@ -87,40 +88,32 @@ build_kwok() { go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok; }
 build_karpenter() { go_install karpenter-kwok "$KARPENTER_VERSION" sigs.k8s.io/karpenter/kwok; }
 build_helm() { go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; }
 
-# CoreDNS from its module, with the repository's own main and plugin (hack/coredns/): only the
-# plugins the cluster DNS uses, so the build stays small. Cached by version and by the source,
-# so a change to the plugin list rebuilds it.
-build_coredns() {
-  local v=$COREDNS_VERSION src=$here/coredns tag dir
+# A binary of the repository's own main package (hack/NAME/*.go) on MODULE@VERSION: cached by
+# the version and by the digest of that source, so editing the main rebuilds it.
+go_own_main() { # name version module
+  local name=$1 v=$2 module=$3 src=$here/$1 tag dir
   tag=$v-$(cd "$src" && find . -name '*.go' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
-  have coredns "$tag" && return
-  log "building coredns $v (about 3 minutes on 2 cores with a cold cache)"
-  dir=$WORK/coredns-$tag; rm -rf "$dir"; mkdir -p "$dir"
+  have "$name" "$tag" && return
+  log "building $name ($module $v)"
+  dir=$WORK/$name-$tag; rm -rf "$dir"; mkdir -p "$dir"
   cp -r "$src/." "$dir/"
   (
-    cd "$dir" && go mod init local/coredns && go get "github.com/coredns/coredns@$v" && go mod tidy \
-      && go build -trimpath -ldflags "-s -w" -o coredns .
-  ) >"$LOGS/coredns-$v.log" 2>&1 || { log "coredns build failed, see $LOGS/coredns-$v.log"; tail -20 "$LOGS/coredns-$v.log" >&2; return 1; }
-  install_bin "$dir/coredns" coredns "$tag"; rm -rf "$dir"
+    cd "$dir" && go mod init "local/$name" && go get "$module@$v" && go mod tidy \
+      && go build -trimpath -ldflags "-s -w" -o "$name" .
+  ) >"$LOGS/$name-$v.log" 2>&1 || { log "$name build failed, see $LOGS/$name-$v.log"; tail -20 "$LOGS/$name-$v.log" >&2; return 1; }
+  install_bin "$dir/$name" "$name" "$tag"; rm -rf "$dir"
 }
 
-# The OCI registry the push test pushes to: go-containerregistry's in-memory registry with the
-# repository's own main (hack/registry/: it listens on loopback only). Cached like CoreDNS.
-build_registry() {
-  local v=$GGCR_VERSION src=$here/registry tag dir
-  tag=$v-$(cd "$src" && find . -name '*.go' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-12)
-  have registry "$tag" && return
-  log "building registry (go-containerregistry $v)"
-  dir=$WORK/registry-$tag; rm -rf "$dir"; mkdir -p "$dir"
-  cp -r "$src/." "$dir/"
-  (
-    cd "$dir" && go mod init local/registry && go get "github.com/google/go-containerregistry@$v" && go mod tidy \
-      && go build -trimpath -ldflags "-s -w" -o registry .
-  ) >"$LOGS/registry-$v.log" 2>&1 || { log "registry build failed, see $LOGS/registry-$v.log"; tail -20 "$LOGS/registry-$v.log" >&2; return 1; }
-  install_bin "$dir/registry" registry "$tag"; rm -rf "$dir"
-}
+# Cluster DNS: CoreDNS with only the plugins the cluster uses (hack/coredns/main.go), so the
+# build stays small (about 3 minutes on 2 cores with a cold cache).
+build_coredns() { go_own_main coredns "$COREDNS_VERSION" github.com/coredns/coredns; }
+# The OCI registry the push test pushes to: go-containerregistry's in-memory registry
+# (hack/registry/main.go: it listens on loopback only).
+build_registry() { go_own_main registry "$GGCR_VERSION" github.com/google/go-containerregistry; }
+# The release workflow's linter (tests/unit/test_release_workflow.py).
+build_actionlint() { go_install actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint; }
 
 components=("$@")
-[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm coredns registry)
+[ ${#components[@]} -gt 0 ] || components=(etcd kwok kubernetes karpenter helm coredns registry actionlint)
 for c in "${components[@]}"; do "build_$c"; done
 echo "$BIN"

@@ -2,7 +2,7 @@
 # Push the operator and trainer images (the OCI archives hack/images.sh builds, so what is pushed
 # is exactly what the tests ran) to a registry, each with its digest unchanged.
 #
-#   make push REGISTRY=registry.example.com/team [TAG=0.1.0] [PUSH_TLS_VERIFY=false]
+#   make push REGISTRY=registry.example.com/team [TAG=<version>] [PUSH_TLS_VERIFY=false]
 #
 # Prints each pushed reference with its digest (REGISTRY/NAME:TAG@sha256:...), one per line; put
 # those in the chart's image values to deploy exactly these images. Credentials are skopeo's

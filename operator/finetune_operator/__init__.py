@@ -1,3 +1,7 @@
 """finetune-operator: turns FineTuneJob manifests into fine-tuned, published Models."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# The distribution's (pyproject.toml), which the chart's appVersion and the image tags repeat
+# (tests/unit/test_versions.py holds them together).
+__version__ = version("finetune-operator")

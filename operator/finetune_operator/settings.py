@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import __version__
 from .api import DNS_SUBDOMAIN, Quantity, TrainerPodSpec
 
 ENV_PREFIX = "FINETUNE_"
@@ -59,8 +60,8 @@ class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
     trainer_image: str = Field(
-        default="finetune-trainer:0.1.0",
-        description="Image of the trainer container.",
+        default=f"finetune-trainer:{__version__}",
+        description="Image of the trainer container (the chart sets it; this default is what `make images` builds).",
     )
     trainer_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     trainer_host_network: bool = Field(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_operator import __version__
 from kubetools import CACHE, REPO, Kubectl
 
 HELM = str(CACHE / "bin" / "helm")
@@ -18,8 +19,8 @@ CHART = REPO / "charts" / "finetune-operator"
 LOCAL_NODE_VALUES = CHART / "ci" / "local-node-values.yaml"
 NODE_LABEL = "finetune.ai/local-node"
 # The names `make images` gives the images and the cluster script imports into containerd.
-TRAINER_IMAGE = "finetune-trainer:0.1.0"
-OPERATOR_IMAGE = "finetune-operator:0.1.0"
+TRAINER_IMAGE = f"finetune-trainer:{__version__}"
+OPERATOR_IMAGE = f"finetune-operator:{__version__}"
 # build_job runs the trainer as this user; hostPath volumes keep their owners.
 TRAINER_UID = 1000
 

@@ -292,7 +292,10 @@ def test_admission_policy_pins_what_the_operator_may_create(helm, kubectl: Kubec
     kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
              "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     installed = [d for d in docs if d["kind"] in kinds]
-    trainer_image = yaml.safe_load((CHART / "values.yaml").read_text())["trainer"]["image"]
+    deployment = next(d for d in _docs(helm("template", release, str(CHART), "--namespace", namespace).stdout)
+                      if d["kind"] == "Deployment")
+    trainer_image = next(e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+                         if e["name"] == "FINETUNE_TRAINER_IMAGE")
     cluster = Kubectl(kubectl.kubeconfig)
     sa = next(d for d in installed if d["kind"] == "ServiceAccount")["metadata"]["name"]
     as_operator = ["--as", f"system:serviceaccount:{namespace}:{sa}"]
@@ -403,3 +406,25 @@ def test_trainer_pod_defaults_reach_the_operators_settings_and_the_operator_pod_
     assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "op@p.iam"}
     budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_default_images_are_where_the_release_workflow_pushes_them_tagged_with_the_chart_version(helm) -> None:
+    from finetune_operator import __version__
+
+    def images(*values: str) -> tuple[str, str]:
+        docs = _docs(helm("template", "v", str(CHART), *values).stdout)
+        container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy" and "trainer image" in json.dumps(d))
+        # The admission policy pins the same trainer image the operator is told to run.
+        assert env["FINETUNE_TRAINER_IMAGE"] in json.dumps(policy)
+        return container["image"], env["FINETUNE_TRAINER_IMAGE"]
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "release.yml").read_text())
+    registry = workflow["env"]["REGISTRY"]
+    assert images() == (f"{registry}/finetune-operator:{__version__}", f"{registry}/finetune-trainer:{__version__}")
+    assert images("--set", "image.tag=9.9.9", "--set", "trainer.tag=9.9.9") == (
+        f"{registry}/finetune-operator:9.9.9", f"{registry}/finetune-trainer:9.9.9")
+    pinned = f"mirror.example/ml/finetune-trainer:{__version__}@sha256:{'a' * 64}"
+    assert images("--set", f"trainer.image={pinned}")[1] == pinned
+    assert images("-f", str(LOCAL_NODE_VALUES)) == (OPERATOR_IMAGE, TRAINER_IMAGE)

@@ -5,4 +5,6 @@ This package must stay importable without torch: the operator imports
 trainer's contract. Anything that needs torch lives in modules the operator never imports.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("finetune-operator")  # the trainer image installs the same distribution

@@ -14,6 +14,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* The image references, each tag defaulting to the chart's appVersion. */}}
+{{- define "finetune-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "finetune-operator.trainerImage" -}}
+{{- .Values.trainer.image | default (printf "%s:%s" .Values.trainer.repository (.Values.trainer.tag | default .Chart.AppVersion)) -}}
+{{- end -}}
+
 {{- define "finetune-operator.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
