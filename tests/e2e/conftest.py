@@ -5,6 +5,7 @@ run the product's own images."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ TRAINER_IMAGE = f"finetune-trainer:{__version__}"
 OPERATOR_IMAGE = f"finetune-operator:{__version__}"
 # build_job runs the trainer as this user; hostPath volumes keep their owners.
 TRAINER_UID = 1000
+# The last release (the upgrade test installs it): its version and the commit it was cut from.
+PREVIOUS_RELEASE = ("0.1.0", "72de466ffeaf207ca354022cddae44e2a05d53f9")
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +77,48 @@ def volume_dirs(kubeconfig: str, namespace: str) -> tuple[Path, Path]:
     # group-writable, so it is the trainer's group's to write (docs/outputs.md).
     models.chmod(0o2775)
     return data, models
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    chart: Path
+    operator_image: str  # as the chart's values name it (containerd adds docker.io/library/)
+
+
+@pytest.fixture(scope="session")
+def previous_release(kubeconfig: str, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """The previous release's chart and operator image, built from its commit with its own
+    hack/images.sh (into a cache of its own: the archive is built once per machine) and imported
+    into the real node's containerd. Its trainer image is not rebuilt (400 s and 3.2 GB): the
+    upgrade test runs the current one under the old operator."""
+    version, commit = PREVIOUS_RELEASE
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True).returncode:
+        pytest.fail(f"release {version}'s commit {commit} is not in this clone's history (a shallow clone?); "
+                    "the upgrade test builds that release from it")
+    tree = tmp_path_factory.mktemp(f"release-{version}")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    cache = CACHE / "releases" / version
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / "images.log"
+    with open(log, "w") as err:
+        built = subprocess.run([str(tree / "hack" / "images.sh"), "operator"], stdout=subprocess.PIPE, stderr=err,
+                               text=True, env={**os.environ, "FTO_CACHE": str(cache)}, timeout=1200)
+    assert built.returncode == 0, f"building release {version}'s operator image failed; see {log}"
+    images = dict(line.split("=", 1) for line in Path(built.stdout.strip()).read_text().splitlines()
+                  if line and not line.startswith("#"))
+    image = shlex.split(images["OPERATOR_IMAGE"])[0]
+    socket = Path(kubeconfig).parent / "node" / "containerd.sock"
+    subprocess.run(["ctr", "--address", str(socket), "--namespace", "k8s.io", "images", "import", "--snapshotter",
+                    "overlayfs", "--base-name", image.rsplit(":", 1)[0], shlex.split(images["OPERATOR_IMAGE_ARCHIVE"])[0]],
+                   capture_output=True, check=True, timeout=300)
+    return Release(version, tree / "charts" / "finetune-operator", image.removeprefix("docker.io/library/"))
+
+
+def containerd_task(kubeconfig: str, pod: dict, action: str) -> None:
+    """Pause or resume (cgroup freezer) the first container of a pod on the real node."""
+    socket = Path(kubeconfig).parent / "node" / "containerd.sock"
+    container = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    subprocess.run(["ctr", "--address", str(socket), "--namespace", "k8s.io", "tasks", action, container],
+                   capture_output=True, check=True, timeout=60)

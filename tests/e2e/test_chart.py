@@ -27,7 +27,7 @@ import yaml
 from kubetools import REPO, VENV_BIN, Kubectl, free_port, wait_for
 from spec_cases import VALID
 
-from conftest import CHART, LOCAL_NODE_VALUES, OPERATOR_IMAGE, TRAINER_IMAGE, volume_dirs
+from conftest import CHART, LOCAL_NODE_VALUES, OPERATOR_IMAGE, TRAINER_IMAGE, containerd_task, volume_dirs
 
 pytestmark = pytest.mark.integration
 RELEASE_KINDS = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,configmaps,secrets"
@@ -115,25 +115,85 @@ def _image_ref(pod: dict) -> str:
     return pod["status"]["containerStatuses"][0]["image"]
 
 
-def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubectl, namespace: str, claims,
-                                                          local_node, tmp_path: Path) -> None:
+def _crd_epochs(cluster: Kubectl) -> dict:
+    crd = cluster.get("crd", "finetunejobs.finetune.ai")
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return spec["properties"]["training"]["properties"]["epochs"]
+
+
+def test_upgrade_from_the_previous_release_mid_run_then_train_and_uninstall(
+        helm, kubectl: Kubectl, namespace: str, claims, local_node, previous_release, tmp_path: Path) -> None:
+    """The last release's chart (its CRDs, its operator image, built from its commit) runs a job;
+    mid-run the CRDs are applied and the release upgraded as docs/install.md says; the trainer
+    pod runs on untouched and the new operator finishes the job. Then everything an install
+    promises, and an uninstall that leaves only what Helm conventions keep. (The old release runs
+    the current trainer image: a release's trainer image is not rebuilt here.)"""
     release = f"e2e-{uuid.uuid4().hex[:6]}"
     fullname = f"{release}-finetune-operator"
     cluster = Kubectl(kubectl.kubeconfig)
     # The operator pod shares the node's ports: free ones, and a Service address of its own.
     ports = {"metrics.port": free_port(), "healthPort": free_port(), "progress.port": free_port()}
     cluster_ip = f"127.96.{random.randint(100, 250)}.{random.randint(1, 254)}"
-    values = {**yaml.safe_load(LOCAL_NODE_VALUES.read_text()), "watchNamespaces": [namespace]}
-    values["metrics"] = {**values["metrics"], "port": ports["metrics.port"]}
-    values["healthPort"] = ports["healthPort"]
-    values["progress"] = {"port": ports["progress.port"], "service": {"clusterIP": cluster_ip}}
-    values_file = tmp_path / "values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
+
+    def values_for(chart: Path, **extra) -> Path:
+        values = {**yaml.safe_load((chart / "ci" / "local-node-values.yaml").read_text()), "watchNamespaces": [namespace], **extra}
+        values["metrics"] = {**values["metrics"], "port": ports["metrics.port"]}
+        values["healthPort"] = ports["healthPort"]
+        values["progress"] = {"port": ports["progress.port"], "service": {"clusterIP": cluster_ip}}
+        path = tmp_path / f"values-{chart.parent.parent.name}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    def leads(pod_name: str) -> None:
+        # A stopped leader may leave its Lease to expire: up to its duration, then some.
+        wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity") == pod_name, 90,
+                 what=f"{pod_name} to take the operator's Lease")
+
+    paused = None
     try:
-        helm("install", release, str(CHART), "--namespace", namespace, "-f", str(values_file),
+        # The previous release, as it was installed: its CRDs, then its chart.
+        cluster("apply", "--server-side", "--force-conflicts", "-f", str(previous_release.chart / "crds"))
+        assert _crd_epochs(cluster).get("type") == "integer"  # 0.1.0: epochs was a plain integer
+        old_trainer = {**yaml.safe_load((previous_release.chart / "ci" / "local-node-values.yaml").read_text())["trainer"],
+                       "image": TRAINER_IMAGE}
+        helm("install", release, str(previous_release.chart), "--namespace", namespace,
+             "-f", str(values_for(previous_release.chart, trainer=old_trainer)), "--wait", "--timeout", "180s")
+        old_pod = kubectl.items("pods", f"app.kubernetes.io/instance={release}")[0]
+        assert _image_ref(old_pod) == f"docker.io/library/{previous_release.operator_image}"
+        leads(old_pod["metadata"]["name"])
+
+        # The quickstart, on the real node; data where the `data` PV points.
+        data_dir, models_dir = volume_dirs(kubectl.kubeconfig, namespace)
+        shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data_dir)
+        job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+        job["spec"]["nodePool"] = {"provisioner": "existing", **local_node.placement}
+        # A quarter of the quickstart's steps: enough for the loss to fall (`make demo` runs it all).
+        job["spec"]["training"]["maxSteps"] = 16
+        kubectl.apply(job)
+
+        def trainer_running() -> dict | None:
+            pods = kubectl.items("pods", "finetune.ai/job=quickstart")
+            running = [p for p in pods if p.get("status", {}).get("phase") == "Running"
+                       and (p["status"].get("containerStatuses") or [{}])[0].get("containerID")]
+            return running[0] if running and (kubectl.get("ftj", "quickstart").get("status") or {}).get("phase") == "Running" else None
+        trainer_before = wait_for(trainer_running, 180, interval=1, what="the old operator to start the trainer")
+        # Held still (cgroup freezer) across the upgrade, so it is surely mid-run when the new
+        # operator takes over, however fast the machine.
+        containerd_task(kubectl.kubeconfig, trainer_before, "pause")
+        paused = trainer_before
+
+        # The upgrade, as docs/install.md gives it: the CRDs first, then the release.
+        cluster("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+        assert _crd_epochs(cluster).get("x-kubernetes-int-or-string") is True
+        helm("upgrade", release, str(CHART), "--namespace", namespace, "-f", str(values_for(CHART)),
              "--wait", "--timeout", "180s")
-        pod = kubectl.items("pods", f"app.kubernetes.io/instance={release}")[0]
+        pod = wait_for(lambda: (ps := [p for p in kubectl.items("pods", f"app.kubernetes.io/instance={release}")
+                                       if p["metadata"]["name"] != old_pod["metadata"]["name"]]) and ps[0], 60,
+                       what="the new operator pod")
         name = pod["metadata"]["name"]
+        leads(name)
+        containerd_task(kubectl.kubeconfig, trainer_before, "resume")
+        paused = None
         assert pod["spec"]["nodeName"] == local_node.name
         assert pod["spec"]["serviceAccountName"] == fullname
         # The operator image, run by containerd on the real node.
@@ -145,10 +205,6 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         assert whoami == "10001"
         write = kubectl("exec", name, "--", "python", "-c", "open('/probe', 'w')", check=False)
         assert write.returncode != 0 and "Read-only file system" in write.stderr, write
-        # It authenticated in-cluster as its ServiceAccount and leads.
-        lease = wait_for(lambda: (kubectl.get("lease", fullname) or {}).get("spec", {}).get("holderIdentity"), 60,
-                         what="the operator to take its Lease")
-        assert lease == name
         # It watches only `namespace`: a FineTuneJob anywhere else is refused at apply time,
         # saying why, rather than accepted and never run.
         def elsewhere() -> str:
@@ -173,15 +229,6 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         wait_for(lambda: can("bob", "get", "finetunejobs.finetune.ai"), 30, what="the view role to aggregate")
         assert can("bob", "list", "models.finetune.ai") and not can("bob", "create", "finetunejobs.finetune.ai")
 
-        # The quickstart, on the real node; data where the `data` PV points.
-        data_dir, models_dir = volume_dirs(kubectl.kubeconfig, namespace)
-        shutil.copy(REPO / "examples" / "data" / "quickstart.jsonl", data_dir)
-        job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-        job["spec"]["nodePool"] = {"provisioner": "existing", **local_node.placement}
-        # A quarter of the quickstart's steps: enough for the loss to fall (`make demo` runs it all).
-        job["spec"]["training"]["maxSteps"] = 16
-        kubectl.apply(job)
-
         def finished() -> dict | None:
             ftj = kubectl.get("ftj", "quickstart")
             return ftj if ftj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
@@ -203,6 +250,11 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         # The trainer ran from the trainer image on the real node, as build_job's non-root user
         # (the output files are that user's).
         trainer = kubectl.items("pods", "finetune.ai/job=quickstart")[0]
+        # The pod the old operator started ran to the end through the upgrade: never restarted.
+        assert trainer["metadata"]["uid"] == trainer_before["metadata"]["uid"]
+        assert trainer["status"]["containerStatuses"][0]["restartCount"] == 0
+        # What the trainer chose (here the spec fixed both), in the job's status.
+        assert (ftj["status"]["progress"]["globalBatchSize"], ftj["status"]["progress"]["epochs"]) == (8, 3)
         assert trainer["spec"]["nodeName"] == local_node.name
         assert _image_ref(trainer) == f"docker.io/library/{TRAINER_IMAGE}"
         assert adapter.stat().st_uid == 1000
@@ -233,7 +285,11 @@ def test_install_trains_a_job_then_uninstall_leaves_nothing(helm, kubectl: Kubec
         assert missing.returncode == 1 and missing.stderr.strip() == f'error: finetunejob "nope" not found in namespace "{namespace}"'
         assert "Traceback" not in missing.stderr
     finally:
+        if paused is not None:
+            containerd_task(kubectl.kubeconfig, paused, "resume")
         _released(helm, release, namespace)
+        # The next tests need this tree's CRDs, whatever happened above.
+        cluster("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
 
     # Helm keeps CRDs (and the namespace it was given); nothing of the release is left, and
     # its namespace policy no longer refuses jobs elsewhere (the next tests create them).
