@@ -21,12 +21,12 @@ asked for (status.world_mismatch). None is retried, and none publishes a Model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from finetune_trainer import protocol
 from finetune_trainer.protocol import EXIT_DESTINATION_IN_USE, EXIT_PREEMPTED, EXIT_USER_ERROR
 
 from .kubetime import parse_time
@@ -187,14 +187,11 @@ def _reported(term: dict) -> tuple[int | None, str]:
     """Exit code and message, preferring what the trainer wrote to its termination message:
     under torchrun the container's own exit code is 1 whatever the trainer exited with."""
     code, text = term.get("exitCode"), (term.get("message") or "").strip()
-    if text.startswith("{"):
-        try:
-            reported = json.loads(text)
-        except json.JSONDecodeError:
-            return code, text
-        if isinstance(reported, dict) and "error" in reported:
-            return reported.get("exitCode", code), str(reported["error"])
-    return code, text
+    reported = protocol.parse_failure_message(text)
+    if reported is None:
+        return code, text
+    reported_code, error = reported
+    return (code if reported_code is None else reported_code), error
 
 
 def _disruption(pod: dict) -> str | None:

@@ -281,6 +281,9 @@ def test_upgrade_from_the_previous_release_mid_run_then_train_and_uninstall(
         assert watch.returncode == 0 and "100%" in watch.stdout, watch
         logs = finetune("logs", "quickstart", "-n", namespace, "--tail", "20")
         assert logs.returncode == 0 and "FINETUNE_PROGRESS" in logs.stdout, logs
+        # Following a pod whose container has exited streams what it wrote, then ends.
+        followed = finetune("logs", "quickstart", "-n", namespace, "-f")
+        assert followed.returncode == 0 and followed.stdout.count("FINETUNE_PROGRESS") >= 16, followed
         missing = finetune("status", "nope", "-n", namespace)
         assert missing.returncode == 1 and missing.stderr.strip() == f'error: finetunejob "nope" not found in namespace "{namespace}"'
         assert "Traceback" not in missing.stderr

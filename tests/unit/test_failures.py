@@ -419,3 +419,18 @@ def test_the_job_failure_without_a_rule_keeps_the_jobs_reason_and_message():
     # Every placeholder is there for a job rule too: {text} and {detail} the Job's message, {why} its reason, no pod.
     custom = (failures.Rule("Custom", True, "job {why}{pod}: {detail} / {text}", job_reasons=("Custom",)), *failures.RULES)
     assert failures.job_failure({"reason": "Custom", "message": "m"}, [], custom) == failures.Failure("Custom", "job Custom: m / m", True)
+
+
+@pytest.mark.parametrize("error", ["short", "é" * 5000, "x" * 10_000, "🙂" * 1500 + "tail"])
+def test_a_failure_message_fits_the_limit_in_bytes_and_keeps_its_exit_code(error):
+    """The trainer writes it, the operator reads it (one pair of functions): however long the
+    error and however many bytes its characters take, the message is valid JSON within
+    Kubernetes' limit, so the real exit code survives torchrun's 1."""
+    from finetune_trainer.protocol import TERMINATION_MESSAGE_LIMIT, failure_message
+
+    message = failure_message(error, 2)
+    assert len(message.encode()) <= TERMINATION_MESSAGE_LIMIT
+    code, said = failures._reported({"exitCode": 1, "message": message})
+    assert code == 2
+    assert said == error or (said.endswith("…") and error.startswith(said[:-1]) and len(said) > 900)
+    assert failures.classify(failed(1, message=message)).reason == "InvalidInput"

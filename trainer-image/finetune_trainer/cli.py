@@ -8,7 +8,6 @@ else (with a traceback: that is a bug or an infrastructure failure).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -39,7 +38,7 @@ def _fail(message: str, exit_code: int, termination_path: str | None) -> int:
         from finetune_trainer.outputs import write_termination_message
 
         # torchrun reports any failed worker as exit code 1; the message keeps the real one.
-        write_termination_message(termination_path, json.dumps({"error": message, "exitCode": exit_code}))
+        write_termination_message(termination_path, protocol.failure_message(message, exit_code))
     return exit_code
 
 

@@ -1,8 +1,13 @@
 """The trainer's side of the contract with the operator (torch-free).
 
 Exit codes, file names and the progress-line prefix live here so the operator can import
-them instead of copying magic values.
+them instead of copying magic values, and the failed run's termination message is written and
+read by the same pair of functions.
 """
+
+from __future__ import annotations
+
+import json
 
 # Exit codes. Kubernetes shows them on the pod; the operator maps them to conditions.
 EXIT_OK = 0
@@ -22,6 +27,42 @@ PROGRESS_PREFIX = "FINETUNE_PROGRESS "
 
 # Kubernetes truncates termination messages longer than this.
 TERMINATION_MESSAGE_LIMIT = 4096
+
+
+
+def failure_message(error: str, exit_code: int) -> str:
+    """A failed run's termination message: {"error", "exitCode"} as JSON that fits the limit in
+    bytes (the error is shortened, by whole characters, never the JSON cut), so the exit code
+    survives torchrun, which exits 1 whatever its worker exited with."""
+    def encoded(text: str) -> str:
+        return json.dumps({"error": text, "exitCode": exit_code}, separators=(",", ":"), ensure_ascii=False)
+
+    message = encoded(error)
+    if len(message.encode()) <= TERMINATION_MESSAGE_LIMIT:
+        return message
+    low, high = 0, len(error)  # the longest prefix whose message fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(encoded(error[:mid] + "…").encode()) <= TERMINATION_MESSAGE_LIMIT:
+            low = mid
+        else:
+            high = mid - 1
+    return encoded(error[:low] + "…")
+
+
+def parse_failure_message(text: str) -> tuple[int | None, str] | None:
+    """(exit code, error) from a message failure_message wrote; None for any other text."""
+    if not text.startswith("{"):
+        return None
+    try:
+        reported = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(reported, dict) or "error" not in reported:
+        return None
+    code = reported.get("exitCode")
+    return (code if isinstance(code, int) else None), str(reported["error"])
+
 
 # The `event` of a progress record after each optimizer step (others: "started", "eval").
 PROGRESS_EVENT = "progress"
