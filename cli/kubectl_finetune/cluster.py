@@ -37,6 +37,10 @@ def status_lines(job: dict, progress: bool = True) -> list[str]:
     lines = [f"{job['metadata']['name']}: {status.get('phase', 'Pending')}"]
     if progress and status.get("progress"):
         lines.append("  " + progress_line(status["progress"]))
+    shape = status.get("progress") or {}
+    if "globalBatchSize" in shape and "epochs" in shape:
+        # What the trainer chose (spec.training auto) or was given.
+        lines.append(f"  plan: {shape['epochs']} epoch(s) of batch {shape['globalBatchSize']}")
     for cond in status.get("conditions", []):
         if cond["status"] == "True":
             message = cond.get("message") or ""

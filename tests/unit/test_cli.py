@@ -307,3 +307,12 @@ def test_a_failed_local_run_leaves_no_work_directory_or_empty_output(tmp_path, m
     assert list(scratch.iterdir()) == [] and list(models.iterdir()) == []
     out = capsys.readouterr()
     assert out.err == "" and "  | " in out.out  # the log's tail; the one error line is main's to print
+
+
+def test_status_shows_the_plan_the_trainer_chose_once_it_reported_it():
+    job = {"metadata": {"name": "q"}, "status": {"phase": "Running", "progress": {
+        "step": 3, "totalSteps": 48, "percent": 6, "globalBatchSize": 2, "epochs": 16}}}
+    lines = cluster.status_lines(job)
+    assert "  plan: 16 epoch(s) of batch 2" in lines
+    older = {"metadata": {"name": "q"}, "status": {"phase": "Running", "progress": {"step": 3, "totalSteps": 48}}}
+    assert not any(line.startswith("  plan:") for line in cluster.status_lines(older))
