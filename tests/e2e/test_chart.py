@@ -192,6 +192,7 @@ def test_upgrade_from_the_previous_release_mid_run_then_train_and_uninstall(
                        what="the new operator pod")
         name = pod["metadata"]["name"]
         leads(name)
+        pod = kubectl.get("pod", name)
         containerd_task(kubectl.kubeconfig, trainer_before, "resume")
         paused = None
         assert pod["spec"]["nodeName"] == local_node.name

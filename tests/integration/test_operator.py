@@ -149,8 +149,9 @@ def test_user_error_exit_code_fails_at_once_without_retries(kubectl, operator):
     failed = condition(ftj, "Failed")
     assert failed["reason"] == "InvalidInput"
     # In the spec's terms: its field and its URI, not the trainer's config path and the pod's mount.
-    assert failed["message"] == ("bad configuration or data, retrying cannot help: "
-                                 "spec.dataset.source: pvc://data/train.jsonl:7: not valid JSON")
+    assert failed["message"].startswith("bad configuration or data, retrying cannot help: pod demo-trainer-")
+    assert failed["message"].endswith(": spec.dataset.source: pvc://data/train.jsonl:7: not valid JSON")
+    assert "/mnt/pvc" not in failed["message"] and "dataset.path" not in failed["message"]
     assert len(kubectl.items("pods", "finetune.ai/job=demo")) == 1  # no retry
 
 
