@@ -105,6 +105,10 @@ def test_template_is_valid_for_the_api_server(helm, kubectl: Kubectl, namespace:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"livenessProbe", "readinessProbe", "resources"} <= container.keys()
+    # On the host network the old pod must go before the new one can bind its ports: Recreate
+    # (with maxUnavailable instead, `helm --wait` would count zero ready pods as done).
+    host_network = pod.get("hostNetwork", False)
+    assert (deployment["spec"].get("strategy", {}).get("type") == "Recreate") == host_network
 
 
 def _released(helm, release: str, namespace: str) -> None:
